@@ -1,0 +1,242 @@
+"""Configuration: documented dataclasses, a YAML recipe per command, CLI overrides, unknown keys rejected.
+
+Every command's config is a (possibly nested) dataclass whose fields carry ``metadata={"help": ...}``. A command is
+run as ``--config recipe.yaml`` plus ``--section.field value`` overrides; :func:`make_parser` builds the parser with
+one documented flag per leaf field, and :func:`load_config` merges defaults < YAML < CLI and validates. Nested
+sections validate themselves in ``__post_init__`` so bad values fail before any model is loaded.
+
+The library never reads the environment here: secrets are named by config (e.g. ``api_key_env``) and read by the
+scripts, which load ``.env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from retroformer.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def doc(help_text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its documentation: ``name: int = doc("what it is", 3)``."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help_text}}
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    return dataclasses.field(**kwargs)
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise a ConfigError naming the field."""
+    base, optional = _unwrap_optional(tp)
+    if optional and isinstance(value, str) and value.lower() in ("null", "none", "~"):
+        value = None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: got null, expected a value of type {getattr(base, '__name__', base)}")
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return str(value)
+        if origin is typing.Literal:
+            allowed = typing.get_args(base)
+            if value not in allowed:
+                raise ConfigError(f"{where}: got {value!r}, expected one of {list(allowed)}")
+            return value
+        if origin in (list, tuple):
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if not isinstance(value, list):
+                raise ValueError(value)
+            (item_tp, *_) = typing.get_args(base) or (Any,)
+            items = [_coerce(v, item_tp, f"{where}[{i}]") if item_tp is not Any else v for i, v in enumerate(value)]
+            return items if origin is list else tuple(items)
+        if origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, yaml.YAMLError):
+        raise ConfigError(
+            f"{where}: got {value!r}, expected a value of type {getattr(base, '__name__', str(base))}"
+        ) from None
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion."""
+    data = dict(data or {})
+    hints = _resolved_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{key!r} for {cls.__name__}.{_suggest(key, list(fields))} "
+            f"Valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        path = f"{where}.{name}" if where else name
+        base, _ = _unwrap_optional(tp)
+        if _is_dataclass_type(base):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{path}: got {value!r}, expected a mapping of {base.__name__} fields")
+            kwargs[name] = None if value is None else from_dict(base, value, path)
+        else:
+            kwargs[name] = _coerce(value, tp, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (for logging and for writing beside a stage's outputs)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML. Configs hold no secrets: keys are named by ``*_env`` fields only."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
+    out = []
+    hints = _resolved_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        base, _ = _unwrap_optional(tp)
+        name = f"{prefix}{f.name}"
+        if _is_dataclass_type(base):
+            out.extend(_leaf_fields(base, f"{name}."))
+        else:
+            out.append((name, tp, f))
+    return out
+
+
+def _default_repr(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        return "(see section)" if dataclasses.is_dataclass(value) else repr(value)
+    return "required"
+
+
+def make_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """A parser with ``--config`` and one documented ``--dotted.name`` flag per leaf field of ``cls``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML recipe; CLI flags override its values", default=None)
+    for name, tp, f in _leaf_fields(cls):
+        help_text = f.metadata.get("help", "")
+        parser.add_argument(
+            f"--{name}",
+            dest=f"override__{name}",
+            default=argparse.SUPPRESS,
+            metavar=getattr(_unwrap_optional(tp)[0], "__name__", "VALUE").upper(),
+            help=f"{help_text} (default: {_default_repr(f)})".replace("%", "%%"),
+        )
+    return parser
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {}) if isinstance(node.get(part), dict) or part not in node else node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe, with clear errors for a missing file, bad YAML or a non-mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML recipe to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> T:
+    """Parse ``argv`` (``--config`` + overrides) into a validated ``cls``."""
+    parser = make_parser(cls, prog=prog, description=cls.__doc__)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        flags = [name for name, _, _ in _leaf_fields(cls)]
+        bad = rest[0].lstrip("-").split("=")[0]
+        raise ConfigError(f"unknown option {rest[0]!r}.{_suggest(bad, flags)} Run with --help to list every option.")
+    data = read_yaml(args.config) if args.config else {}
+    for key, value in vars(args).items():
+        if key.startswith("override__"):
+            _set_dotted(data, key[len("override__") :], value)
+    return from_dict(cls, data)

@@ -1,0 +1,111 @@
+"""LLM backends: OpenAI-compatible HTTP, in-process Hugging Face, and scripted doubles, behind :class:`LLM`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from retroformer.config import doc
+from retroformer.errors import ConfigError
+from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop
+from retroformer.llm.scripted import ScriptedLLM
+
+__all__ = [
+    "LLM",
+    "Completion",
+    "GenerationRequest",
+    "LLMConfig",
+    "SamplingParams",
+    "ScriptedLLM",
+    "apply_stop",
+    "build_llm",
+    "register_scripted_policy",
+]
+
+
+@dataclass
+class LLMConfig:
+    """Which model answers, where it runs, and how it decodes."""
+
+    # --- which backend ---
+    backend: Literal["hf", "openai", "scripted"] = doc(
+        "hf: in-process Hugging Face model; openai: any OpenAI-compatible server (OpenAI, vLLM, llm/serve.sh); "
+        "scripted: a deterministic test double",
+        "hf",
+    )
+    model: str = doc("hub id, local path, or the model name the server knows", "runs/tiny/lm")
+    adapter: str | None = doc("LoRA adapter directory applied on top of `model` (hf backend)", None)
+    # --- OpenAI-compatible server ---
+    base_url: str | None = doc("server URL, e.g. http://127.0.0.1:8000/v1; None uses the SDK default (OpenAI)", None)
+    api_key_env: str = doc("name of the environment variable holding the API key (read from .env by the scripts)",
+                           "OPENAI_API_KEY")
+    style: Literal["chat", "completion"] = doc("chat: /chat/completions; completion: /completions", "chat")
+    concurrency: int = doc("most requests in flight at once against this backend", 8)
+    max_retries: int = doc("retries on timeouts, 429 and 5xx before the call fails", 5)
+    timeout_s: float = doc("per-request timeout in seconds", 60.0)
+    # --- decoding ---
+    max_tokens: int = doc("most new tokens per call", 128)
+    temperature: float = doc("sampling temperature; 0 is greedy", 0.0)
+    top_p: float = doc("nucleus sampling threshold", 1.0)
+    seed: int | None = doc("sampling seed, where the backend supports one", None)
+    # --- in-process ---
+    batch_size: int = doc("hf: most prompts generated together in one batch", 8)
+    device: str = doc("hf: 'auto', 'cpu', 'cuda', 'cuda:1', ...", "auto")
+    dtype: str = doc("hf: 'auto', 'float32', 'bfloat16' or 'float16'", "auto")
+    max_prompt_tokens: int = doc("hf: prompts longer than this keep their last tokens", 1024)
+    # --- scripted ---
+    scripted_policy: str | None = doc("scripted: name of a registered scripted policy (e.g. 'synthetic-clue')", None)
+    scripted_options: dict = doc("scripted: options passed to the policy (e.g. {carry_prob: 0.5, seed: 0})",
+                                 default_factory=dict)
+    scripted_replies: list[str] = doc("scripted: fixed replies returned in turn (cycled)", default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "max_tokens", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"llm.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ConfigError(f"llm.max_retries must be >= 0, got {self.max_retries}")
+        if self.temperature < 0:
+            raise ConfigError(f"llm.temperature must be >= 0, got {self.temperature}")
+        if self.backend == "scripted" and not (self.scripted_policy or self.scripted_replies):
+            raise ConfigError("llm.backend=scripted needs llm.scripted_policy or llm.scripted_replies")
+
+    def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=stop, seed=self.seed
+        )
+
+
+_SCRIPTED_POLICIES: dict[str, Callable[..., LLM]] = {}
+
+
+def register_scripted_policy(name: str) -> Callable[[Callable[..., LLM]], Callable[..., LLM]]:
+    """Register a factory ``f(**options) -> LLM`` usable as ``backend: scripted, scripted_policy: name``."""
+
+    def wrap(factory: Callable[..., LLM]) -> Callable[..., LLM]:
+        _SCRIPTED_POLICIES[name] = factory
+        return factory
+
+    return wrap
+
+
+def build_llm(cfg: LLMConfig, api_key: str | None = None) -> LLM:
+    """Build the backend ``cfg`` names. ``api_key`` comes from the environment via the calling script."""
+    if cfg.backend == "scripted":
+        if cfg.scripted_policy:
+            import retroformer.envs.synthetic  # noqa: F401 - registers the built-in scripted policies
+
+            if cfg.scripted_policy not in _SCRIPTED_POLICIES:
+                raise ConfigError(
+                    f"unknown scripted policy {cfg.scripted_policy!r}; registered: {sorted(_SCRIPTED_POLICIES)}"
+                )
+            return _SCRIPTED_POLICIES[cfg.scripted_policy](**cfg.scripted_options)
+        return ScriptedLLM(cfg.scripted_replies, model_id="scripted", cycle=True)
+    if cfg.backend == "openai":
+        from retroformer.llm.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(cfg, api_key=api_key)
+    from retroformer.llm.hf_backend import HFBackend
+
+    return HFBackend(cfg)
