@@ -67,7 +67,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where}: got null, expected a value of type {getattr(base, '__name__', base)}")
-    origin = typing.get_origin(base)
+    origin = typing.get_origin(base) or (base if base in (dict, list, tuple) else None)
     try:
         if base is bool:
             if isinstance(value, bool):

@@ -40,9 +40,7 @@ class TinyModelConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"tiny.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
-            )
+            raise ConfigError(f"tiny.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"tiny.num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
         if self.vocab_size < 300:

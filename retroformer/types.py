@@ -95,7 +95,8 @@ class EpisodeRecord:
 
     @property
     def errored(self) -> bool:
-        return self.end_reason in ("llm_error", "budget")
+        """An LLM call failed: the actor's (the episode is neither success nor failure) or the reflector's."""
+        return self.end_reason == "llm_error" or self.error is not None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)

@@ -130,9 +130,7 @@ class VaultEnv(TextEnv):
         if door == answer:
             self.won = True
             return StepResult(f"The {door} door swings open. You are out.", reward=1.0, done=True)
-        return StepResult(
-            f"The {door} door is locked. Scratched into it: the way out is the {answer} door.", done=True
-        )
+        return StepResult(f"The {door} door is locked. Scratched into it: the way out is the {answer} door.", done=True)
 
     def outcome(self) -> Outcome:
         return Outcome(return_=1.0 if self.won else 0.0, success=self.won)

@@ -38,8 +38,9 @@ class LLMConfig:
     adapter: str | None = doc("LoRA adapter directory applied on top of `model` (hf backend)", None)
     # --- OpenAI-compatible server ---
     base_url: str | None = doc("server URL, e.g. http://127.0.0.1:8000/v1; None uses the SDK default (OpenAI)", None)
-    api_key_env: str = doc("name of the environment variable holding the API key (read from .env by the scripts)",
-                           "OPENAI_API_KEY")
+    api_key_env: str = doc(
+        "name of the environment variable holding the API key (read from .env by the scripts)", "OPENAI_API_KEY"
+    )
     style: Literal["chat", "completion"] = doc("chat: /chat/completions; completion: /completions", "chat")
     concurrency: int = doc("most requests in flight at once against this backend", 8)
     max_retries: int = doc("retries on timeouts, 429 and 5xx before the call fails", 5)
@@ -56,8 +57,9 @@ class LLMConfig:
     max_prompt_tokens: int = doc("hf: prompts longer than this keep their last tokens", 1024)
     # --- scripted ---
     scripted_policy: str | None = doc("scripted: name of a registered scripted policy (e.g. 'synthetic-clue')", None)
-    scripted_options: dict = doc("scripted: options passed to the policy (e.g. {carry_prob: 0.5, seed: 0})",
-                                 default_factory=dict)
+    scripted_options: dict = doc(
+        "scripted: options passed to the policy (e.g. {carry_prob: 0.5, seed: 0})", default_factory=dict
+    )
     scripted_replies: list[str] = doc("scripted: fixed replies returned in turn (cycled)", default_factory=list)
 
     def __post_init__(self) -> None:

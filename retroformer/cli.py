@@ -1,0 +1,149 @@
+"""The ``retroformer`` command.
+
+    retroformer trials --config experiments/demo/trials.yaml [--section.field value ...]
+    retroformer tiny-models --out runs/tiny
+    retroformer report runs/a runs/b --out runs/report
+    retroformer webshop-server --host 127.0.0.1 --port 3000
+
+This module is the only place besides the stage scripts that reads ``.env`` and the process environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from retroformer.errors import RetroformerError
+
+logger = logging.getLogger("retroformer")
+
+#: Subcommands implemented in other modules, loaded on demand: name -> "module:function(argv)".
+EXTERNAL = {
+    "webshop-server": "retroformer.envs.webshop_server:main",
+}
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(
+        level=(level or os.environ.get("RETROFORMER_LOG_LEVEL", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "openai", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def load_env_file() -> None:
+    """Load ``.env`` from the working directory (secrets and machine paths); never overrides the environment."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - python-dotenv is a dependency
+        return
+    load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
+
+
+def api_key_for(env_var: str) -> str | None:
+    return os.environ.get(env_var) or None
+
+
+def cmd_trials(argv: list[str]) -> int:
+    from retroformer.config import load_config, to_dict
+    from retroformer.report import format_summary
+    from retroformer.trials import TrialsConfig, run_trials
+
+    cfg = load_config(TrialsConfig, argv, prog="retroformer trials")
+    fill_env_paths(cfg)
+    logger.info("config: %s", to_dict(cfg))
+    key = None
+    for section in (cfg.actor, cfg.reflector):
+        if section.llm.backend == "openai":
+            key = key or api_key_for(section.llm.api_key_env)
+    result = run_trials(cfg, api_key=key)
+    print(format_summary(cfg.run_name, result.summary))
+    print(
+        f"records: {result.run_dir / 'trials' / 'episodes.jsonl'} ({result.new_episodes} new episodes, "
+        f"{result.wall_time_s:.1f} s)"
+    )
+    if result.dataset_path is not None:
+        print(f"rated reflections: {result.dataset_path}")
+    if result.stopped_by_budget:
+        print("stopped early: the token/cost budget was reached; finished episodes are kept")
+    return 0
+
+
+def fill_env_paths(cfg) -> None:
+    """Machine paths named in .env fill environment options the recipe leaves unset."""
+    opts = cfg.env.options
+    if cfg.env.name == "webshop" and opts.get("url") is None and os.environ.get("WEBSHOP_URL"):
+        opts["url"] = os.environ["WEBSHOP_URL"]
+    if cfg.env.name == "alfworld" and opts.get("data_path") is None and os.environ.get("ALFWORLD_DATA"):
+        opts["data_path"] = os.environ["ALFWORLD_DATA"]
+    if cfg.env.name == "hotpotqa" and opts.get("data_path") is None and os.environ.get("HOTPOTQA_DATA"):
+        opts["data_path"] = os.environ["HOTPOTQA_DATA"]
+    if opts:
+        # Re-validate against the environment's own Config so a bad path or key fails before any model loads.
+        from retroformer.config import from_dict
+        from retroformer.envs.base import get_env_class
+
+        from_dict(get_env_class(cfg.env.name).Config, opts, where="env.options")
+
+
+def cmd_tiny_models(argv: list[str]) -> int:
+    from retroformer.config import load_config
+    from retroformer.tiny import TinyModelConfig, build_tiny_models
+
+    cfg = load_config(TinyModelConfig, argv, prog="retroformer tiny-models")
+    paths = build_tiny_models(cfg)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from retroformer.report import write_report
+
+    parser = argparse.ArgumentParser(prog="retroformer report", description="Compare trial runs side by side.")
+    parser.add_argument("runs", nargs="+", help="run directories written by `retroformer trials` (runs/<name>)")
+    parser.add_argument("--out", default="runs/report", help="where report.json, report.md and success.png go")
+    args = parser.parse_args(argv)
+    out = write_report(args.runs, args.out)
+    print(out["text"])
+    print(f"report: {out['md']}\njson: {out['json']}\nplot: {out['png']}")
+    return 0
+
+
+COMMANDS = {"trials": cmd_trials, "tiny-models": cmd_tiny_models, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = sorted([*COMMANDS, *EXTERNAL])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("commands: " + ", ".join(names))
+        return 0
+    name, rest = argv[0], argv[1:]
+    load_env_file()
+    setup_logging()
+    try:
+        if name in COMMANDS:
+            return COMMANDS[name](rest)
+        if name in EXTERNAL:
+            module, func = EXTERNAL[name].split(":")
+            return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except RetroformerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    print(f"error: unknown command {name!r}.{hint} Commands: {', '.join(names)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

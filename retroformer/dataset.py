@@ -1,0 +1,89 @@
+"""Rated reflections: built from episode records by a pure function, saved in Hugging Face ``datasets`` form.
+
+A row pairs the reflection prompt ``x[k,i]`` and reflection ``y[k,i]`` with its rating
+``r = G[k,i+1] - G[k,i]`` (paper section 4.1): how much the next attempt improved. A reflection whose next attempt
+was not run, or errored, has no rating and no row.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from retroformer.types import RATED_REFLECTION_COLUMNS, EpisodeRecord
+
+
+def rated_reflection_rows(records: list[EpisodeRecord]) -> list[dict[str, Any]]:
+    """One row per reflection whose next attempt finished; columns are ``RATED_REFLECTION_COLUMNS``."""
+    by_key = {(r.run_name, r.task_id, r.trial): r for r in records}
+    rows = []
+    for rec in sorted(records, key=lambda r: (r.run_name, r.task_id, r.trial)):
+        if rec.reflection is None:
+            continue
+        nxt = by_key.get((rec.run_name, rec.task_id, rec.trial + 1))
+        if nxt is None or nxt.end_reason == "llm_error":
+            continue
+        rows.append(
+            {
+                "prompt": rec.reflection.prompt,
+                "reflection": rec.reflection.text,
+                "rating": float(nxt.return_ - rec.return_),
+                "return_before": float(rec.return_),
+                "return_after": float(nxt.return_),
+                "success_after": bool(nxt.success),
+                "task_id": rec.task_id,
+                "trial": rec.trial,
+                "run_name": rec.run_name,
+                "env_name": rec.env_name,
+                "env_version": rec.env_version,
+                "actor_id": rec.actor_id,
+                "reflector_id": rec.reflection.reflector_id,
+                "actor_prompt_hash": rec.actor_prompt_hash,
+                "reflector_prompt_hash": rec.reflection.prompt_hash,
+                "task_fingerprint": rec.task_fingerprint,
+                "seed": rec.seed,
+            }
+        )
+    return rows
+
+
+def rows_to_dataset(rows: list[dict[str, Any]]):
+    """A ``datasets.Dataset`` with the fixed schema (also when there are no rows)."""
+    from datasets import Dataset, Features, Value
+
+    string_cols = set(RATED_REFLECTION_COLUMNS) - {
+        "rating",
+        "return_before",
+        "return_after",
+        "success_after",
+        "trial",
+        "seed",
+    }
+    features = Features(
+        {
+            c: Value("string")
+            if c in string_cols
+            else Value("bool")
+            if c == "success_after"
+            else Value("int64")
+            if c in ("trial", "seed")
+            else Value("float64")
+            for c in RATED_REFLECTION_COLUMNS
+        }
+    )
+    columns = {c: [row[c] for row in rows] for c in RATED_REFLECTION_COLUMNS}
+    return Dataset.from_dict(columns, features=features)
+
+
+def export_rated_reflections(records: list[EpisodeRecord], path: str | Path) -> Path:
+    """Save the rated reflections of ``records`` to ``path`` (replaced atomically: written beside, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    rows_to_dataset(rated_reflection_rows(records)).save_to_disk(str(tmp))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
