@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Host the retrospective model -- a base model plus zero or more LoRA adapters, each addressable by name -- behind
+# an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models).
+#
+#   SERVE_MODEL=runs/tiny/lm SERVE_ADAPTERS="sft=runs/demo/sft,ppo=runs/demo/ppo" llm/serve.sh
+#
+# Then point a reflector at it: reflector.llm: {backend: openai, base_url: http://127.0.0.1:8000/v1, model: sft}.
+#
+# Backends:
+#   vllm          `vllm serve $SERVE_MODEL --enable-lora --lora-modules name=path ...` (GPU; used when `import vllm`
+#                 works). The base answers as $SERVE_BASE_NAME, each adapter under its own name.
+#   transformers  `transformers serve` (CPU fallback). It loads no LoRA adapters, so each adapter is merged into a
+#                 full copy of the base (cached under $SERVE_CACHE_DIR, reused while base and adapter are unchanged)
+#                 and the server runs in a folder of links named base / <adapter names>: a request for model "sft"
+#                 loads the merged SFT copy. All named models are loaded before the script reports ready.
+#
+# Variables (read from the environment, then from $SERVE_ENV_FILE; the environment wins):
+#   SERVE_MODEL          base model: local folder or hub id                  (default: runs/tiny/lm)
+#   SERVE_ADAPTERS       comma-separated name=path LoRA adapters             (default: none)
+#   SERVE_BASE_NAME      model name the base answers to                      (default: base)
+#   SERVE_HOST           listen address                                      (default: 127.0.0.1)
+#   SERVE_PORT           listen port                                         (default: 8000)
+#   SERVE_DTYPE          auto, float32, bfloat16 or float16                  (default: auto)
+#   SERVE_BACKEND        auto, vllm or transformers                          (default: auto: vllm if importable)
+#   SERVE_CACHE_DIR      merged adapter copies and the names folder          (default: runs/serve_cache)
+#   SERVE_READY_TIMEOUT  seconds to wait for the server and its models      (default: 300)
+#   SERVE_EXTRA_ARGS     extra arguments for the server, split on spaces     (default: none)
+#   SERVE_ENV_FILE       file of VAR=value lines to source                   (default: .env at the repository root)
+#   PYTHON               interpreter with retroformer installed             (default: .venv/bin/python, else python3)
+#
+# It prints "ready: <base URL> models: <names>" once the server answers, and stops the server (and waits for it) on
+# SIGINT or SIGTERM. Relative paths are relative to the repository root.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+
+case "${1:-}" in
+    -h | --help) usage; exit 0 ;;
+    "") ;;
+    *) echo "serve.sh: unknown argument '$1'; configure it with the SERVE_* variables (see --help)" >&2; exit 2 ;;
+esac
+
+VARS=(SERVE_MODEL SERVE_ADAPTERS SERVE_BASE_NAME SERVE_HOST SERVE_PORT SERVE_DTYPE SERVE_BACKEND SERVE_CACHE_DIR
+      SERVE_READY_TIMEOUT SERVE_EXTRA_ARGS PYTHON)
+ENV_FILE="${SERVE_ENV_FILE:-$ROOT/.env}"
+if [[ -f "$ENV_FILE" ]]; then
+    # The process environment wins over the file: remember what is set, source, then put it back. Nothing is echoed.
+    declare -A KEEP=()
+    for v in "${VARS[@]}"; do
+        if [[ -n "${!v+x}" ]]; then KEEP[$v]="${!v}"; fi
+    done
+    set -a
+    # shellcheck disable=SC1090
+    source "$ENV_FILE"
+    set +a
+    for v in "${!KEEP[@]}"; do
+        printf -v "$v" '%s' "${KEEP[$v]}"
+        export "${v?}"
+    done
+fi
+
+MODEL="${SERVE_MODEL:-runs/tiny/lm}"
+ADAPTERS="${SERVE_ADAPTERS:-}"
+BASE_NAME="${SERVE_BASE_NAME:-base}"
+HOST="${SERVE_HOST:-127.0.0.1}"
+PORT="${SERVE_PORT:-8000}"
+DTYPE="${SERVE_DTYPE:-auto}"
+BACKEND="${SERVE_BACKEND:-auto}"
+CACHE_DIR="${SERVE_CACHE_DIR:-runs/serve_cache}"
+READY_TIMEOUT="${SERVE_READY_TIMEOUT:-300}"
+read -r -a EXTRA <<<"${SERVE_EXTRA_ARGS:-}"
+
+PY="${PYTHON:-.venv/bin/python}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+    PY="python3"
+fi
+PY="$(command -v "$PY")"
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
+
+if [[ ! "$PORT" =~ ^[0-9]+$ ]]; then
+    echo "serve.sh: SERVE_PORT='$PORT' is not a port number; set e.g. SERVE_PORT=8000" >&2
+    exit 2
+fi
+if [[ ! "$READY_TIMEOUT" =~ ^[0-9]+$ ]]; then
+    echo "serve.sh: SERVE_READY_TIMEOUT='$READY_TIMEOUT' is not a number of seconds; set e.g. 300" >&2
+    exit 2
+fi
+if [[ "$BACKEND" == auto ]]; then
+    if "$PY" -c 'import vllm' >/dev/null 2>&1; then BACKEND=vllm; else BACKEND=transformers; fi
+fi
+
+CHILD=""
+stop() {
+    trap - INT TERM EXIT
+    if [[ -n "$CHILD" ]] && kill -0 "$CHILD" 2>/dev/null; then
+        echo "serve.sh: stopping the server (pid $CHILD)" >&2
+        kill -TERM "$CHILD" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$CHILD" 2>/dev/null || break
+            sleep 0.2
+        done
+        if kill -0 "$CHILD" 2>/dev/null; then
+            echo "serve.sh: the server did not stop within 10 s; killing it" >&2
+            kill -KILL "$CHILD" 2>/dev/null || true
+        fi
+        wait "$CHILD" 2>/dev/null || true
+    fi
+}
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
+trap 'stop' EXIT
+
+URL="http://$HOST:$PORT/v1"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+
+case "$BACKEND" in
+    vllm)
+        LORA=()
+        NAMES=("$BASE_NAME")
+        if [[ -n "$ADAPTERS" ]]; then
+            LORA=(--enable-lora --lora-modules)
+            IFS=',' read -r -a PAIRS <<<"$ADAPTERS"
+            for pair in "${PAIRS[@]}"; do
+                [[ -z "$pair" ]] && continue
+                LORA+=("$pair")
+                NAMES+=("${pair%%=*}")
+            done
+        fi
+        VLLM="$(dirname "$PY")/vllm"
+        [[ -x "$VLLM" ]] || VLLM="$(command -v vllm)"
+        "$VLLM" serve "$MODEL" --served-model-name "$BASE_NAME" --host "$HOST" --port "$PORT" --dtype "$DTYPE" \
+            "${LORA[@]}" "${EXTRA[@]}" &
+        CHILD=$!
+        LOAD=()
+        ;;
+    transformers)
+        NAMES_DIR="$CACHE_DIR/names-$PORT"
+        read -r -a NAMES <<<"$("$PY" -m retroformer.serving prepare --model "$MODEL" --adapters "$ADAPTERS" \
+            --cache-dir "$CACHE_DIR" --names-dir "$NAMES_DIR" --base-name "$BASE_NAME" --dtype "$DTYPE")"
+        # The server resolves a request's model name as a path from its working directory: the names folder.
+        (cd "$NAMES_DIR" && exec "$PY" -m transformers.cli.transformers serve --host "$HOST" --port "$PORT" \
+            --device cpu --dtype "$DTYPE" --model-timeout -1 "${EXTRA[@]}") &
+        CHILD=$!
+        LOAD=()
+        for n in "${NAMES[@]}"; do LOAD+=(--load "$n"); done
+        ;;
+    *)
+        echo "serve.sh: SERVE_BACKEND='$BACKEND' is not auto, vllm or transformers" >&2
+        exit 2
+        ;;
+esac
+
+"$PY" -m retroformer.serving wait --url "$URL" --timeout "$READY_TIMEOUT" --pid "$CHILD" "${LOAD[@]}"
+echo "ready: $URL models: ${NAMES[*]}"
+wait "$CHILD"

@@ -1,0 +1,213 @@
+"""llm/serve.sh on the CPU: a tiny base model plus a LoRA adapter behind ``transformers serve``.
+
+The server is started once for the module (about 15 s on two cores), answers OpenAI completion requests for the base
+and for the adapter by name, and must give the same greedy text as in-process generation of the same (merged) model.
+The tiny tokenizer has no chat template, so requests use the completion endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="transformers serve needs fastapi: pip install 'transformers[serving]'")
+pytest.importorskip("uvicorn", reason="transformers serve needs uvicorn: pip install 'transformers[serving]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Reflection: I opened the wrong door.", "Task: escape"]
+MAX_TOKENS = 12
+READY_TIMEOUT_S = 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent has not collected it yet.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from retroformer.tiny import TinyModelConfig, build_tiny_models
+
+    out = tmp_path_factory.mktemp("serve_models")
+    lm = build_tiny_models(TinyModelConfig(out=str(out / "tiny")))["lm"]
+    model = AutoModelForCausalLM.from_pretrained(lm)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA's B starts at zero: perturb it so the adapter changes the model
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    adapter = out / "adapter"
+    peft_model.save_pretrained(adapter)
+    return {"lm": lm, "adapter": adapter, "cache": out / "serve_cache"}
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SERVE_ENV_FILE": str(models["cache"] / "no.env"),  # keep a developer's .env out of the test
+        "SERVE_MODEL": str(models["lm"]),
+        "SERVE_ADAPTERS": f"sft={models['adapter']}",
+        "SERVE_PORT": str(port),
+        "SERVE_HOST": "127.0.0.1",
+        "SERVE_BACKEND": "transformers",
+        "SERVE_CACHE_DIR": str(models["cache"]),
+        "SERVE_READY_TIMEOUT": str(READY_TIMEOUT_S - 10),
+        "PYTHON": sys.executable,
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "llm" / "serve.sh")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready: "):
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
+        ready.wait(0.5)
+    if not ready.is_set():
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        pytest.fail("llm/serve.sh did not report ready:\n" + "".join(lines[-40:]))
+    url = next(line for line in lines if line.startswith("ready: ")).split()[1]
+    info = {"proc": proc, "url": url, "lines": lines, "server_pids": _children(proc.pid)}
+    yield info
+    if proc.poll() is None:  # a failed test left it running
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _local_greedy(model_dir: Path, adapter: Path | None, prompt: str) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_help_documents_every_variable():
+    out = subprocess.run(["bash", str(ROOT / "llm" / "serve.sh"), "--help"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0
+    for var in ("SERVE_MODEL", "SERVE_ADAPTERS", "SERVE_HOST", "SERVE_PORT", "SERVE_DTYPE", "SERVE_BACKEND",
+                "SERVE_CACHE_DIR", "SERVE_READY_TIMEOUT", "SERVE_ENV_FILE", "PYTHON"):  # fmt: skip
+        assert var in out.stdout, f"--help does not document {var}"
+    assert subprocess.run(["bash", "-n", str(ROOT / "llm" / "serve.sh")], timeout=10).returncode == 0
+
+
+def test_models_are_listed_by_name(server):
+    import httpx
+
+    ids = {m["id"] for m in httpx.get(f"{server['url']}/models", timeout=10).json()["data"]}
+    assert {"base", "sft"} <= ids
+
+
+def test_http_greedy_text_matches_in_process_generation(server, models):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server["url"], api_key="EMPTY", max_retries=0, timeout=60)
+    texts = {}
+    for name, adapter in (("base", None), ("sft", models["adapter"])):
+        for prompt in PROMPTS:
+            reply = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+            expected = _local_greedy(models["lm"], adapter, prompt)
+            assert reply.choices[0].text == expected, f"model {name!r}, prompt {prompt!r}"
+            texts[name, prompt] = expected
+    assert any(texts["base", p] != texts["sft", p] for p in PROMPTS), "the adapter did not change the served model"
+
+
+def test_trials_with_the_served_reflector(server, tmp_path):
+    pytest.importorskip("retroformer.llm.openai_backend", reason="the OpenAI-compatible backend is not available")
+    from retroformer.config import from_dict
+    from retroformer.trials import TrialsConfig, run_trials
+
+    cfg = from_dict(
+        TrialsConfig,
+        {
+            "run_name": "served",
+            "runs_dir": str(tmp_path),
+            "trials": 2,
+            "env": {"name": "synthetic", "options": {"num_tasks": 2, "num_doors": 3}},
+            "actor": {"kind": "plan"},
+            "reflector": {
+                "llm": {
+                    "backend": "openai",
+                    "base_url": server["url"],
+                    "style": "completion",
+                    "model": "sft",
+                    "max_tokens": 16,
+                    "max_retries": 1,
+                    "timeout_s": 60,
+                },  # fmt: skip
+            },
+        },
+    )
+    res = run_trials(cfg, progress=False)
+    first = [r for r in res.records if r.trial == 0]
+    assert len(first) == 2 and not any(r.success for r in first)  # the plan actor needs a reflection to win
+    for record in first:
+        assert record.reflection is not None, record.error
+        assert "sft" in record.reflection.reflector_id
+    assert len([r for r in res.records if r.trial == 1]) == 2
+
+
+def test_sigint_stops_the_script_and_the_server(server):
+    proc = server["proc"]
+    assert server["server_pids"], "serve.sh started no server process"
+    os.kill(proc.pid, signal.SIGINT)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in server["server_pids"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in server["server_pids"]), "the server outlived llm/serve.sh"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(server["url"].split(":")[2].split("/")[0])), timeout=2)
