@@ -295,7 +295,7 @@ PROMPTS = EnvPrompts(
         "Action: click[Buy Now]\n"
         "Observation: Thank you for shopping with us!\nPurchased: B0EX000001\nOptions: none\n"
         "Your score (min 0.0, max 1.0): 0.6667\n"
-        "Result: score 0.6667, not a success\n"
+        "Result: return 0.6667, failed\n"
         "Reflection: I opened the right board but bought it without choosing a size, so the size option did not "
         "match. Next time I will search[bamboo cutting board juice groove], click[B0EX000001], click[large] and only "
         "then click[Buy Now].\n"

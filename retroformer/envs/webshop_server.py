@@ -425,7 +425,7 @@ def create_app(catalog: Catalog | None = None, page_size: int = 3):
         product = product_or_404(asin)
         chosen = options_or_400(options)
         parts = reward(catalog, goal, product, chosen)
-        logger.info("session %s bought %s with %s: reward %.4g", session_id, asin, chosen, parts["reward"])
+        logger.debug("session %s bought %s with %s: reward %.4g", session_id, asin, chosen, parts["reward"])
         return render_done(session_id, goal, product, chosen, parts["reward"])
 
     return app
@@ -475,7 +475,7 @@ def start_server(
     thread = threading.Thread(target=server.serve_forever, name=f"webshop-server-{server.server_port}", daemon=True)
     thread.start()
     running = RunningServer(server, thread)
-    logger.info("WebShop-compatible server listening on %s", running.url)
+    logger.debug("WebShop-compatible server listening on %s", running.url)
     return running
 
 
