@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -268,3 +269,25 @@ def test_corpus_is_offline_text() -> None:
     texts = corpus()
     assert PROMPTS.instructions in texts and any("B0WS100009" in t for t in texts)
     assert all(isinstance(t, str) and t for t in texts)
+
+
+def test_toy_recipe_through_the_trial_loop(tmp_path) -> None:
+    from retroformer.config import load_config
+    from retroformer.trials import TrialsConfig, run_trials
+
+    recipe = str(Path(__file__).resolve().parents[1] / "experiments" / "webshop" / "toy_scripted.yaml")
+    cfg = load_config(TrialsConfig, ["--config", recipe, "--runs_dir", str(tmp_path), "--export_dataset", "false"])
+    result = run_trials(cfg)
+    first, second = sorted(result.records, key=lambda r: r.trial)
+    assert first.return_ == pytest.approx(0.8, abs=1e-4) and first.end_reason == "done" and not first.success
+    assert first.reflection is not None and "slate blue" in first.reflection.text
+    assert "slate blue" in " ".join(second.memory)
+    assert second.success and second.return_ == 1.0 and second.metrics == {"score": 1.0}
+    # The same recipe with too few steps: the loop's step budget ends the episode before the purchase.
+    short = load_config(
+        TrialsConfig,
+        ["--config", recipe, "--runs_dir", str(tmp_path), "--run_name", "short", "--trials", "1",
+         "--export_dataset", "false", "--env.options", "{num_sessions: 1, max_steps: 3}"],
+    )  # fmt: skip
+    (record,) = run_trials(short).records
+    assert record.end_reason == "step_limit" and len(record.steps) == 3 and record.return_ == 0.0
