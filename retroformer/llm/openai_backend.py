@@ -1,0 +1,252 @@
+"""OpenAI-compatible HTTP backend: OpenAI, vLLM, ``transformers serve``, ``llm/serve.sh``, any base URL.
+
+The SDK's own retries are switched off (``max_retries=0``) so that one loop here decides what is retried, how long
+to wait, and what the final error says:
+
+- retried: timeouts, connection errors, 429 (its ``Retry-After`` is honoured, capped), 5xx, and replies that are
+  not a usable completion (body not JSON, no choices, null content), with exponential backoff and jitter, up to
+  ``cfg.max_retries`` retries; then :class:`~retroformer.errors.LLMError`;
+- not retried: any other 4xx (bad request, wrong key, unknown model) fails at once with a hint.
+
+The API key is held privately and never appears in ``repr``, logs or error messages (messages are also scrubbed of
+it, in case a server echoes it back). The SDK itself reads a few ``OPENAI_*`` variables (organisation, project) when
+the client is created; base URL and key are always passed explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from retroformer.errors import ConfigError, LLMError
+from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop
+from retroformer.types import Usage
+
+if TYPE_CHECKING:
+    from retroformer.llm import LLMConfig
+
+logger = logging.getLogger(__name__)
+
+#: OpenAI rejects more than this many stop sequences; the rest are applied client-side.
+MAX_SERVER_STOPS = 4
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+#: Key sent to local servers started without one (vLLM and ``transformers serve`` accept any key).
+PLACEHOLDER_KEY = "EMPTY"
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+class _Retryable(Exception):
+    """One failed attempt that may be retried; ``delay_s`` overrides the backoff (from ``Retry-After``)."""
+
+    def __init__(self, what: str, delay_s: float | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.delay_s = delay_s
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), None if absent."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            logger.debug("ignoring unparsable retry-after-ms header %r", ms)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            logger.debug("ignoring unparsable Retry-After header %r", value)
+            return None
+        return max(parsed.timestamp() - time.time(), 0.0)
+
+
+class OpenAIBackend(LLM):
+    """Async client for ``/chat/completions`` (``cfg.style == "chat"``) or ``/completions``.
+
+    At most ``cfg.concurrency`` requests are in flight at once (the semaphore is held per attempt, not during
+    backoff). ``backoff_s`` is the first retry delay, doubled per retry up to ``max_backoff_s``, with jitter in
+    [50%, 100%]; a 429's ``Retry-After`` replaces the backoff, capped at ``max_retry_after_s``.
+    """
+
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        api_key: str | None = None,
+        *,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 20.0,
+        max_retry_after_s: float = 60.0,
+    ) -> None:
+        self.cfg = cfg
+        self.style = cfg.style
+        self.base_url = (cfg.base_url or OPENAI_BASE_URL).rstrip("/")
+        host = urlparse(self.base_url).hostname or ""
+        self.model_id = cfg.model if cfg.base_url is None else f"{cfg.model}@{host}"
+        if not api_key:
+            if cfg.base_url is None or host.endswith("openai.com"):
+                raise ConfigError(
+                    f"no API key for {self.base_url}: set the environment variable {cfg.api_key_env} (e.g. in .env) "
+                    "or point llm.base_url at a local server"
+                )
+            if host not in _LOCAL_HOSTS:
+                logger.warning("no API key given for %s; sending a placeholder key", self.base_url)
+            api_key = PLACEHOLDER_KEY
+        self.__key = api_key
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_retry_after_s = max_retry_after_s
+        self._client: Any = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.usage = Usage()
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self.cfg.model!r}, base_url={self.base_url!r}, style={self.style!r})"
+
+    __str__ = __repr__
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.__key, "***") if self.__key and self.__key != PLACEHOLDER_KEY else text
+
+    def _bind(self) -> tuple[Any, asyncio.Semaphore]:
+        """The client and semaphore of the running loop, (re)created when the loop changes (e.g. a new asyncio.run)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._client is None or self._semaphore is None:
+            from openai import AsyncOpenAI
+
+            self._client = AsyncOpenAI(
+                base_url=self.base_url, api_key=self.__key, max_retries=0, timeout=self.cfg.timeout_s
+            )
+            self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
+            self._loop = loop
+        return self._client, self._semaphore
+
+    def _kwargs(self, params: SamplingParams) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.cfg.model,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        stops = [s for s in params.stop if s][:MAX_SERVER_STOPS]
+        if stops:
+            kwargs["stop"] = stops
+        if params.seed is not None:
+            kwargs["seed"] = params.seed
+        return kwargs
+
+    async def _attempt(self, client: Any, request: GenerationRequest) -> tuple[str, str, Usage]:
+        """One request; returns (text, finish_reason, usage) or raises _Retryable / LLMError."""
+        import openai
+
+        kwargs = self._kwargs(request.params)
+        try:
+            if self.style == "chat":
+                messages = [{"role": "system", "content": request.system}] if request.system else []
+                messages.append({"role": "user", "content": request.prompt})
+                resp = await client.chat.completions.create(messages=messages, **kwargs)
+            else:
+                prompt = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
+                resp = await client.completions.create(prompt=prompt, **kwargs)
+        except openai.APITimeoutError as exc:
+            raise _Retryable(f"timed out after {self.cfg.timeout_s} s") from exc
+        except openai.APIConnectionError as exc:
+            raise _Retryable(f"connection error ({exc})") from exc
+        except openai.RateLimitError as exc:
+            raise _Retryable("HTTP 429 rate limited", _retry_after_s(exc.response.headers)) from exc
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500:
+                raise _Retryable(f"HTTP {exc.status_code} ({exc.message})") from exc
+            raise LLMError(self._fatal_message(exc.status_code, exc.message)) from None
+        except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
+            raise _Retryable(f"malformed response body ({type(exc).__name__}: {exc})") from exc
+
+        choices = getattr(resp, "choices", None)
+        if not choices:
+            raise _Retryable("response has no choices")
+        choice = choices[0]
+        text = choice.message.content if self.style == "chat" else choice.text
+        if text is None:
+            raise _Retryable("response choice has no content")
+        usage_obj = getattr(resp, "usage", None)
+        if usage_obj is None:
+            logger.debug("%s returned no usage; counting 0 tokens", self.model_id)
+            usage = Usage(calls=1)
+        else:
+            usage = Usage(
+                prompt_tokens=usage_obj.prompt_tokens or 0, completion_tokens=usage_obj.completion_tokens or 0, calls=1
+            )
+        return text, choice.finish_reason or "stop", usage
+
+    def _fatal_message(self, status: int, message: str) -> str:
+        hint = {
+            401: f"check the API key (environment variable {self.cfg.api_key_env})",
+            403: f"check that the key (environment variable {self.cfg.api_key_env}) may use model {self.cfg.model!r}",
+            404: f"check llm.model={self.cfg.model!r} and llm.base_url={self.base_url!r} (and llm.style={self.style!r})",
+        }.get(status, "check the request settings (llm.model, llm.max_tokens, stop sequences)")
+        return self._scrub(
+            f"{self.style} request to {self.base_url} for model {self.cfg.model!r} was rejected with HTTP {status} "
+            f"({message}); not retried: {hint}"
+        )
+
+    def _backoff(self, retry: int) -> float:
+        delay = min(self.max_backoff_s, self.backoff_s * (2**retry))
+        return delay * (0.5 + 0.5 * random.random())
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        client, semaphore = self._bind()
+        attempts = self.cfg.max_retries + 1
+        failures: list[str] = []
+        for attempt in range(attempts):
+            try:
+                async with semaphore:
+                    text, finish, usage = await self._attempt(client, request)
+            except _Retryable as fault:
+                failures.append(fault.what)
+                if attempt + 1 >= attempts:
+                    break
+                if fault.delay_s is not None:
+                    delay = min(fault.delay_s, self.max_retry_after_s)
+                else:
+                    delay = self._backoff(attempt)
+                logger.info(
+                    "%s: attempt %d/%d failed (%s); retrying in %.3f s",
+                    self.model_id,
+                    attempt + 1,
+                    attempts,
+                    self._scrub(fault.what),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self.usage.add(usage)
+            return Completion(
+                text=apply_stop(text, request.params.stop), usage=usage, model_id=self.model_id, finish_reason=finish
+            )
+        raise LLMError(
+            self._scrub(
+                f"{self.style} request to {self.base_url} for model {self.cfg.model!r} failed after {attempts} "
+                f"attempt(s); last error: {failures[-1]}; all: {failures}. Check that the server is up and not "
+                "overloaded, or raise llm.max_retries / llm.timeout_s"
+            )
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+            self._semaphore = None
+            self._loop = None
