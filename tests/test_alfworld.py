@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import threading
@@ -103,7 +104,12 @@ def _task(task_type: str):
 
 @pytest.fixture(scope="module")
 def alfworld():
-    return pytest.importorskip("alfworld")
+    # Importing alfworld sets ALFWORLD_DATA to ~/.cache/alfworld when unset; keep that out of other tests.
+    saved = os.environ.get("ALFWORLD_DATA")
+    module = pytest.importorskip("alfworld")
+    if saved is None:
+        os.environ.pop("ALFWORLD_DATA", None)
+    return module
 
 
 def _expert_plan(game_dir, tmp_path, expert: str) -> list[str]:
@@ -240,7 +246,8 @@ def test_concurrent_resets_in_threads(alfworld):
         try:
             env = suite.make()
             env.reset(tasks[i % len(tasks)])
-            results[i] = env.step("look").observation
+            for action in ("inventory", "look") * 3:
+                results[i] = env.step(action).observation
             env.close()
         except BaseException as exc:  # collected and re-raised in the main thread
             errors.append(exc)

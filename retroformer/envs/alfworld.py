@@ -25,8 +25,9 @@ Where this adapter departs from the bare package, and why:
   command that the game does not accept is translated to ``move`` (``accept_put_grammar``), so both grammars work.
 - ``think: ...`` actions answer ``OK.`` and do not touch the game (the ReAct protocol for ALFWorld).
 - The welcome banner (``-= Welcome to TextWorld, ALFRED! =-``) is removed from the first observation.
-- The planner's PDDL translator overwrites ``sys.argv`` and swaps ``sys.stdout`` while it loads a game; loading is
-  therefore done under a process-wide lock and ``sys.argv`` is restored afterwards.
+- The planner's PDDL translator overwrites ``sys.argv`` and swaps ``sys.stdout`` while it loads a game, and TextWorld
+  shares one grammar parser between all games: every call into the engine holds a process-wide lock, and the
+  caller's ``sys.argv`` is restored after each load.
 - Importing ``alfworld`` creates ``~/.cache/alfworld`` and sets ``os.environ["ALFWORLD_DATA"]`` if unset (the
   package's own import-time behaviour); it is imported only when a game is loaded.
 """
@@ -75,9 +76,11 @@ _THINK_RE = re.compile(r"^\s*think\s*:", re.IGNORECASE)
 # ``put mug 1 in/on desk 1``, ``put mug 1 in desk 1``, ``put mug 1 on desk 1`` (pre-0.4 grammar and ReAct prompts).
 _PUT_RE = re.compile(r"^\s*put\s+(?P<obj>.+?)\s+(?:in/on|in|on|into|onto)\s+(?P<recep>.+?)\s*$", re.IGNORECASE)
 
-# Loading a game runs fast-downward's PDDL translator, which sets ``sys.argv``, swaps ``sys.stdout`` and keeps its
-# options in module globals: two threads loading at once would corrupt each other (and the process's stdout).
-_LOAD_LOCK = threading.Lock()
+# The engine is not thread-safe: loading a game runs fast-downward's PDDL translator, which sets ``sys.argv``, swaps
+# ``sys.stdout`` and keeps its options in module globals, and every step derives its text with TextWorld's grammar
+# parser, one module-level instance shared by all games (concurrent steps were seen to crash it). All calls into the
+# engine hold this lock; a step takes milliseconds, so episodes still overlap on what is slow (the LLM calls).
+_ENGINE_LOCK = threading.Lock()
 
 
 def translate_put(action: str) -> str:
@@ -207,8 +210,8 @@ def make_textworld_env(*, facts: bool = False, expert: str | None = None):
 
 
 def load_game(env: Any, game: str | dict[str, Any]) -> Any:
-    """``env.load(game)`` + ``env.reset()`` under the load lock, with the caller's ``sys.argv`` restored."""
-    with _LOAD_LOCK:
+    """``env.load(game)`` + ``env.reset()`` under the engine lock, with the caller's ``sys.argv`` restored."""
+    with _ENGINE_LOCK:
         argv, saved_argv = sys.argv, list(sys.argv)
         try:
             env.load(game)
@@ -408,7 +411,8 @@ class AlfWorldEnv(TextEnv):
             command = self._command(action)
             if command != " ".join(action.split()):
                 info["translated_to"] = command
-            state, _, _ = self._env.step(command)
+            with _ENGINE_LOCK:
+                state, _, _ = self._env.step(command)
             episode.state = state
             observation = state.feedback.strip()
             episode.won = bool(state["won"])
