@@ -140,8 +140,10 @@ case "$BACKEND" in
         ;;
     transformers)
         NAMES_DIR="$CACHE_DIR/names-$PORT"
-        read -r -a NAMES <<<"$("$PY" -m retroformer.serving prepare --model "$MODEL" --adapters "$ADAPTERS" \
+        # A plain assignment, so that a failed merge stops the script (set -e).
+        SERVED="$("$PY" -m retroformer.serving prepare --model "$MODEL" --adapters "$ADAPTERS" \
             --cache-dir "$CACHE_DIR" --names-dir "$NAMES_DIR" --base-name "$BASE_NAME" --dtype "$DTYPE")"
+        read -r -a NAMES <<<"$SERVED"
         # The server resolves a request's model name as a path from its working directory: the names folder.
         (cd "$NAMES_DIR" && exec "$PY" -m transformers.cli.transformers serve --host "$HOST" --port "$PORT" \
             --device cpu --dtype "$DTYPE" --model-timeout -1 "${EXTRA[@]}") &

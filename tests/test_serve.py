@@ -211,3 +211,18 @@ def test_sigint_stops_the_script_and_the_server(server):
     assert not any(_alive(p) for p in server["server_pids"]), "the server outlived llm/serve.sh"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(server["url"].split(":")[2].split("/")[0])), timeout=2)
+
+
+def test_bad_adapter_spec_fails_before_starting_a_server(tmp_path):
+    from retroformer.errors import ConfigError
+    from retroformer.serving import parse_adapters
+
+    assert parse_adapters("sft=runs/a, ppo=runs/b,") == {"sft": "runs/a", "ppo": "runs/b"}
+    with pytest.raises(ConfigError, match="twice"):
+        parse_adapters("sft=a,sft=b")
+    env = {**os.environ, "SERVE_ENV_FILE": str(tmp_path / "no.env"), "SERVE_BACKEND": "transformers",
+           "SERVE_MODEL": str(tmp_path), "SERVE_ADAPTERS": "sft", "SERVE_CACHE_DIR": str(tmp_path / "c"),
+           "SERVE_PORT": str(_free_port()), "PYTHON": sys.executable}  # fmt: skip
+    proc = subprocess.run(["bash", str(ROOT / "llm" / "serve.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "not name=path" in proc.stderr and "ready:" not in proc.stdout
