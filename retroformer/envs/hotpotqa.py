@@ -623,7 +623,8 @@ def select_questions(
         if sample > len(questions):
             raise DataError(
                 f"env.options.sample={sample} but only {len(questions)} questions remain after the level filter and "
-                "slice; lower sample or widen the selection"
+                "slice; lower sample, widen the selection, or set data_path / hub_dataset to the full data (unset, "
+                "the small built-in fixture is used)"
             )
         # Sorting the sampled indices keeps data order, so the same seed gives the same ordered task list.
         picked = sorted(random.Random(sample_seed).sample(range(len(questions)), sample))
@@ -724,7 +725,10 @@ class HotpotQASuite(EnvSuite):
         cfg = self.config
         if cfg.hub_dataset is not None:
             return load_hub_questions(cfg.hub_dataset, cfg.hub_config, cfg.split)
-        return load_questions(cfg.data_path if cfg.data_path is not None else FIXTURE_PATH)
+        if cfg.data_path is None:
+            logger.info("no data_path or hub_dataset: using the built-in fixture of fictional questions")
+            return load_questions(FIXTURE_PATH)
+        return load_questions(cfg.data_path)
 
     def tasks(self) -> list[Task]:
         with self._lock:
