@@ -12,6 +12,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	# The CPU build of torch first, so that nothing pulls a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# The ALFWorld extra builds its planner with `python build.py`: the venv must come first on PATH.
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(BIN)/python -m pip install -q alfworld==0.4.2
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

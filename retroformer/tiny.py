@@ -35,6 +35,11 @@ class TinyModelConfig:
     num_kv_heads: int = doc("key/value heads (grouped-query attention)", 2)
     intermediate_size: int = doc("MLP width", 128)
     max_position_embeddings: int = doc("longest sequence in tokens", 2048)
+    initializer_range: float = doc(
+        "std of the random weights. Larger than the usual 0.02 so that a LoRA adapter can make the tiny model "
+        "confident: with tied embeddings behind a final RMSNorm, logits are bounded by the embedding norm",
+        0.3,
+    )
     seed: int = doc("seed for the random weights", 0)
     force: bool = doc("rebuild even if the output already exists", False)
 
@@ -53,7 +58,12 @@ def default_corpus() -> list[str]:
 
     texts = list(synthetic_corpus())
     # Other environments contribute their prompts when their modules import (they only hold text).
-    for module in ("retroformer.envs.hotpotqa", "retroformer.envs.webshop", "retroformer.envs.alfworld"):
+    for module in (
+        "retroformer.envs.hotpotqa",
+        "retroformer.envs.webshop",
+        "retroformer.envs.alfworld",
+        "retroformer.envs.textworld_env",
+    ):
         try:
             mod = __import__(module, fromlist=["corpus"])
         except ImportError:
@@ -105,6 +115,7 @@ def build_tiny_models(cfg: TinyModelConfig, texts: list[str] | None = None) -> d
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=cfg.initializer_range,
     )
     torch.manual_seed(cfg.seed)
     lm = LlamaForCausalLM(model_cfg)
