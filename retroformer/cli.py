@@ -57,11 +57,12 @@ def cmd_trials(argv: list[str]) -> int:
     cfg = load_config(TrialsConfig, argv, prog="retroformer trials")
     fill_env_paths(cfg)
     logger.info("config: %s", to_dict(cfg))
-    key = None
-    for section in (cfg.actor, cfg.reflector):
-        if section.llm.backend == "openai":
-            key = key or api_key_for(section.llm.api_key_env)
-    result = run_trials(cfg, api_key=key)
+    # Each role gets the key named by its own api_key_env, so a key is never sent to another role's server.
+    keys = {
+        role: api_key_for(section.llm.api_key_env) if section.llm.backend == "openai" else None
+        for role, section in (("actor", cfg.actor), ("reflector", cfg.reflector))
+    }
+    result = run_trials(cfg, api_keys=keys)
     print(format_summary(cfg.run_name, result.summary))
     print(
         f"records: {result.run_dir / 'trials' / 'episodes.jsonl'} ({result.new_episodes} new episodes, "
@@ -81,7 +82,12 @@ def fill_env_paths(cfg) -> None:
         opts["url"] = os.environ["WEBSHOP_URL"]
     if cfg.env.name == "alfworld" and opts.get("data_path") is None and os.environ.get("ALFWORLD_DATA"):
         opts["data_path"] = os.environ["ALFWORLD_DATA"]
-    if cfg.env.name == "hotpotqa" and opts.get("data_path") is None and os.environ.get("HOTPOTQA_DATA"):
+    if (
+        cfg.env.name == "hotpotqa"
+        and opts.get("data_path") is None
+        and opts.get("hub_dataset") is None
+        and os.environ.get("HOTPOTQA_DATA")
+    ):
         opts["data_path"] = os.environ["HOTPOTQA_DATA"]
     if opts:
         # Re-validate against the environment's own Config so a bad path or key fails before any model loads.

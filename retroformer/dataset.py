@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retroformer.types import RATED_REFLECTION_COLUMNS, EpisodeRecord
+from retroformer.types import ERRORED_END_REASONS, RATED_REFLECTION_COLUMNS, EpisodeRecord
 
 
 def rated_reflection_rows(records: list[EpisodeRecord]) -> list[dict[str, Any]]:
@@ -22,7 +22,7 @@ def rated_reflection_rows(records: list[EpisodeRecord]) -> list[dict[str, Any]]:
         if rec.reflection is None:
             continue
         nxt = by_key.get((rec.run_name, rec.task_id, rec.trial + 1))
-        if nxt is None or nxt.end_reason == "llm_error":
+        if nxt is None or nxt.end_reason in ERRORED_END_REASONS:
             continue
         rows.append(
             {

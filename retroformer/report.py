@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retroformer.errors import DataError
-from retroformer.types import EpisodeRecord
+from retroformer.types import ERRORED_END_REASONS, EpisodeRecord
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def summarize(records: list[EpisodeRecord], trials: int | None = None, num_tasks
         ratings[int(row["trial"])].append(float(row["rating"]))
     cumulative, per_attempt, episodes, mean_rating, num_rated = [], [], [], [], []
     for i in range(n_trials):
-        ran = [r for r in by_trial.get(i, []) if r.end_reason != "llm_error"]
+        ran = [r for r in by_trial.get(i, []) if r.end_reason not in ERRORED_END_REASONS]
         cumulative.append(sum(1 for t in first_success.values() if t <= i) / n_tasks if n_tasks else 0.0)
         per_attempt.append(sum(r.success for r in ran) / len(ran) if ran else None)
         episodes.append(len(ran))

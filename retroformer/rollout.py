@@ -14,8 +14,8 @@ from typing import Any
 from retroformer.agents.actor import FORMAT_ERROR, ActContext, Actor
 from retroformer.agents.memory import memory_window
 from retroformer.envs.base import EnvPrompts, EnvSuite, Outcome, Task, TextEnv
-from retroformer.errors import DataError, LLMError
-from retroformer.types import Step, Usage
+from retroformer.errors import DataError, EnvError, LLMError
+from retroformer.types import ERRORED_END_REASONS, Step, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,12 @@ async def run_episode(
             invalid += 1
             ctx.steps.append(Step(thought=thought, action="", observation=FORMAT_ERROR, valid=False))
             continue
-        result = await asyncio.to_thread(env.step, action)
+        try:
+            result = await asyncio.to_thread(env.step, action)
+        except EnvError as exc:
+            logger.warning("task %s: environment failed: %s", task.task_id, exc)
+            ctx.steps.append(Step(thought, action, f"[environment error: {exc}]", 0.0, False))
+            return EpisodeResult(description, ctx.steps, Outcome(0.0, False), "env_error", invalid, usage, str(exc))
         valid = not result.info.get("invalid", False)
         invalid += 0 if valid else 1
         ctx.steps.append(Step(thought, action, result.observation, float(result.reward), valid))
@@ -132,7 +137,7 @@ class OnlineReflectionScorer:
                     result = await run_episode(self.suite, env, self.actor, task, memory)
                 finally:
                     await asyncio.to_thread(env.close)
-            if result.end_reason == "llm_error":
+            if result.end_reason in ERRORED_END_REASONS:
                 return 0.0  # an errored attempt carries no signal about the reflection
             return result.outcome.return_ - float(row["return_before"])
 

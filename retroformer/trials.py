@@ -30,7 +30,7 @@ from retroformer.errors import BudgetExceeded, ConfigError, DataError, LLMError
 from retroformer.llm import LLMConfig, build_llm
 from retroformer.records import RecordWriter, read_records
 from retroformer.rollout import prompts_for, run_episode
-from retroformer.types import EpisodeRecord, Reflection, Usage
+from retroformer.types import ERRORED_END_REASONS, EpisodeRecord, Reflection, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -222,12 +222,17 @@ class _Ledger:
 
 async def run_trials_async(
     cfg: TrialsConfig,
-    api_key: str | None = None,
+    api_keys: dict[str, str | None] | None = None,
     actor: Actor | None = None,
     reflector: Reflector | None | Literal["auto"] = "auto",
     progress: bool = True,
 ) -> TrialsResult:
-    """Run (or resume) the trials of ``cfg``. ``actor``/``reflector`` override the configured ones (tests)."""
+    """Run (or resume) the trials of ``cfg``.
+
+    ``api_keys`` maps a role (``actor``, ``reflector``) to the key of its OpenAI-compatible server; each role gets only
+    its own key. ``actor``/``reflector`` override the configured ones (tests, custom agents).
+    """
+    api_keys = api_keys or {}
     start = time.perf_counter()
     out = run_dir(cfg)
     suite = build_suite(cfg)
@@ -237,8 +242,8 @@ async def run_trials_async(
     path = records_path(out)
     existing = read_records(path)
     by_task = _check_resume(existing, fingerprint, path)
-    actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_key)
-    refl = build_reflector(cfg, api_key=api_key) if reflector == "auto" else reflector
+    actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_keys.get("actor"))
+    refl = build_reflector(cfg, api_key=api_keys.get("reflector")) if reflector == "auto" else reflector
     reflector_id = refl.reflector_id if refl is not None else "none"
     ledger = _Ledger(cfg.budget)
     for rec in existing:
@@ -280,7 +285,7 @@ async def run_trials_async(
                 reflection: Reflection | None = None
                 error = result.error
                 end_reason = result.end_reason
-                if refl is not None and end_reason != "llm_error" and not result.outcome.success:
+                if refl is not None and end_reason not in ERRORED_END_REASONS and not result.outcome.success:
                     if trial + 1 < cfg.trials:
                         try:
                             reflection = await refl.reflect(

@@ -19,8 +19,10 @@ SCHEMA_VERSION = 1
 #: How an episode can end. ``success``: the environment reported success. ``done``: the environment ended the
 #: episode without success (e.g. a wrong final answer). ``step_limit``: the step budget ran out. ``repeat``: the actor
 #: repeated the same action too often (ALFWorld protocol). ``llm_error``: an LLM call failed after its retries; such an
-#: episode is *errored*, neither success nor failure, and produces no rating.
-END_REASONS = ("success", "done", "step_limit", "repeat", "llm_error", "budget")
+#: episode is *errored*, neither success nor failure, and produces no rating. ``env_error``: the environment failed
+#: (e.g. a server that stayed down after retries); also errored.
+END_REASONS = ("success", "done", "step_limit", "repeat", "llm_error", "env_error")
+ERRORED_END_REASONS = ("llm_error", "env_error")
 
 
 @dataclass
@@ -95,8 +97,8 @@ class EpisodeRecord:
 
     @property
     def errored(self) -> bool:
-        """An LLM call failed: the actor's (the episode is neither success nor failure) or the reflector's."""
-        return self.end_reason == "llm_error" or self.error is not None
+        """An LLM or environment call failed (the episode is neither success nor failure), or the reflector's did."""
+        return self.end_reason in ERRORED_END_REASONS or self.error is not None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)

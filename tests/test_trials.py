@@ -222,3 +222,22 @@ def test_resume_refuses_a_different_task_list(tmp_path):
     run_trials(make_cfg(tmp_path), progress=False)
     with pytest.raises(DataError, match="another task list"):
         run_trials(make_cfg(tmp_path, **{"env.options": {"num_tasks": 5, "num_doors": 3}}), progress=False)
+
+
+def test_environment_failure_is_an_errored_episode_and_the_run_continues(tmp_path, monkeypatch):
+    from retroformer.envs import synthetic
+    from retroformer.errors import EnvError
+
+    real_step = synthetic.VaultEnv.step
+
+    def flaky_step(self, action):
+        if self.task.task_id.endswith("001"):
+            raise EnvError("server at http://127.0.0.1:1 stayed down after 3 attempts")
+        return real_step(self, action)
+
+    monkeypatch.setattr(synthetic.VaultEnv, "step", flaky_step)
+    res = run_trials(make_cfg(tmp_path), progress=False)
+    bad = [r for r in res.records if r.task_id.endswith("001")]
+    assert len(bad) == 1 and bad[0].end_reason == "env_error" and bad[0].errored and "stayed down" in bad[0].error
+    assert res.summary["errored_episodes"] == 1
+    assert res.summary["cumulative_success"][1] == 0.75  # the other three tasks ran as usual
