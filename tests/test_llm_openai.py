@@ -176,3 +176,24 @@ def test_backend_survives_a_new_event_loop():
         first = run(llm.generate(GenerationRequest(prompt="a")))
         second = run(llm.generate(GenerationRequest(prompt="b")))
     assert first.text == second.text == "again"
+
+
+def test_fake_server_lists_models_and_handles_many_connections():
+    from openai import AsyncOpenAI
+
+    async def go(url: str) -> tuple[list[str], int]:
+        client = AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0)
+        try:
+            models = [m.id async for m in client.models.list()]
+            llm = make_backend(url, concurrency=64)
+            outs = await asyncio.gather(*(llm.generate(GenerationRequest(f"p{i}")) for i in range(64)))
+            await llm.aclose()
+            return models, len(outs)
+        finally:
+            await client.close()
+
+    server = FakeOpenAIServer(latency_s=0.1)
+    with server as url:
+        models, n = run(go(url))
+    assert models == ["fake-model"] and n == 64
+    assert server.max_in_flight > 8  # the server really serves connections in parallel
