@@ -1,0 +1,34 @@
+"""Stage 1 of Retroformer: supervised fine-tuning (LoRA) of the retrospective model on well-rated reflections.
+
+    python sft_run.py --config experiments/recipes/sft.yaml
+
+Any field can be overridden on the command line (``--min_rating 0.5 --lora.r 2``); ``--help`` lists them all. Under
+accelerate::
+
+    accelerate launch --num_processes 2 sft_run.py --config experiments/recipes/sft.yaml
+
+A rerun with the same ``output_dir`` resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+
+def make_parser():
+    from retroformer.config import make_parser as build
+    from retroformer.training.sft import SFTStageConfig
+
+    return build(SFTStageConfig, prog="sft_run.py", description=SFTStageConfig.__doc__)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from retroformer.config import load_config
+    from retroformer.training.common import setup_logging
+    from retroformer.training.sft import SFTStageConfig, run_sft
+
+    setup_logging()
+    cfg = load_config(SFTStageConfig, argv, prog="sft_run.py")
+    return run_sft(cfg)
+
+
+if __name__ == "__main__":
+    main()
