@@ -82,6 +82,7 @@ def test_generate_batch_chunks_by_batch_size(lm_dir):
     llm = backend(lm_dir, batch_size=2)
     out = llm.generate_batch(PROMPTS + ["one more"], SamplingParams(max_tokens=3))
     assert len(out) == 5 and llm.batch_sizes == [2, 2, 1]
+    assert llm.generate_batch([], GREEDY) == []
 
 
 def count_forward_calls(llm: HFBackend) -> list[int]:

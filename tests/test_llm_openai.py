@@ -93,7 +93,9 @@ def test_concurrency_is_bounded_by_config():
     assert 2 <= server.max_in_flight <= 3
 
 
-@pytest.mark.parametrize("fault", ["timeout", "429", "500", "503", "reset", "malformed", "empty", "null_content"])
+@pytest.mark.parametrize(
+    "fault", ["timeout", "429", "500", "503", "408", "reset", "malformed", "empty", "null_content"]
+)
 def test_each_fault_is_retried_then_succeeds(fault, caplog):
     server = FakeOpenAIServer(reply=lambda p: "fine", faults=[fault], timeout_hold_s=10)
     with caplog.at_level(logging.INFO, logger="retroformer"), server as url:

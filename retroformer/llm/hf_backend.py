@@ -149,8 +149,10 @@ class HFBackend(LLM):
     # --- prompts ---
 
     def format_prompt(self, prompt: str, system: str | None = None) -> tuple[str, bool]:
-        """The text fed to the model and whether the tokenizer should add its special tokens."""
+        """The text fed to the model and whether the tokenizer should add its special tokens (after :meth:`load`)."""
         tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise RuntimeError("HFBackend.format_prompt needs the tokenizer: call load() first")
         if self.style == "chat" and getattr(tokenizer, "chat_template", None):
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": prompt})
@@ -219,6 +221,8 @@ class HFBackend(LLM):
 
     def _generate_locked(self, texts: Sequence[tuple[str, bool]], params: SamplingParams) -> list[Completion]:
         out: list[Completion] = []
+        if not texts:
+            return out
         size = self.cfg.batch_size
         for start in range(0, len(texts), size):
             out.extend(self._generate_chunk(texts[start : start + size], params))

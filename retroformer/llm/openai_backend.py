@@ -3,7 +3,7 @@
 The SDK's own retries are switched off (``max_retries=0``) so that one loop here decides what is retried, how long
 to wait, and what the final error says:
 
-- retried: timeouts, connection errors, 429 (its ``Retry-After`` is honoured, capped), 5xx, and replies that are
+- retried: timeouts (ours, and a server's 408), connection errors, 429 (its ``Retry-After`` is honoured, capped), 5xx, and replies that are
   not a usable completion (body not JSON, no choices, null content), with exponential backoff and jitter, up to
   ``cfg.max_retries`` retries; then :class:`~retroformer.errors.LLMError`;
 - not retried: any other 4xx (bad request, wrong key, unknown model) fails at once with a hint.
@@ -168,7 +168,8 @@ class OpenAIBackend(LLM):
         except openai.RateLimitError as exc:
             raise _Retryable("HTTP 429 rate limited", _retry_after_s(exc.response.headers)) from exc
         except openai.APIStatusError as exc:
-            if exc.status_code >= 500:
+            # 408 is the server's own request timeout: as transient as ours.
+            if exc.status_code >= 500 or exc.status_code == 408:
                 raise _Retryable(f"HTTP {exc.status_code} ({exc.message})") from exc
             raise LLMError(self._fatal_message(exc.status_code, exc.message)) from None
         except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:

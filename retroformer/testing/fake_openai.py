@@ -12,7 +12,7 @@ with a 400 as OpenAI does. Faults are scripted: each request consumes the next e
 ``"ok"`` means answer normally), so a test states exactly which attempt fails and how.
 
 Fault kinds: ``timeout`` (hold the request past the client's timeout), ``429`` (with ``Retry-After``), ``500``,
-``503``, ``400``, ``401``, ``reset`` (close the socket without a response), ``malformed`` (200 with a body that is
+``503``, ``408``, ``400``, ``401``, ``reset`` (close the socket without a response), ``malformed`` (200 with a body that is
 not JSON), ``empty`` (200 with no choices), ``null_content`` (200 with a choice whose content is null).
 
 Requests are recorded (path, headers, JSON body, arrival time) for assertions. The server never echoes the
@@ -34,7 +34,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FAULT_KINDS = ("ok", "timeout", "429", "500", "503", "400", "401", "reset", "malformed", "empty", "null_content")
+FAULT_KINDS = ("ok", "timeout", "429", "500", "503", "400", "401", "408", "reset", "malformed", "empty", "null_content")
 
 #: OpenAI rejects requests with more than this many stop sequences.
 MAX_STOP_SEQUENCES = 4
@@ -99,6 +99,12 @@ class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps connections alive, as real servers do; every response carries Content-Length.
     protocol_version = "HTTP/1.1"
     server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without TCP_NODELAY, Nagle's algorithm holds the body until the
+        # client's delayed ACK (~40 ms per request), which would swamp any latency a benchmark sets.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
         logger.debug("fake openai: " + format, *args)
@@ -176,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             self._error(429, "Rate limit reached (fake)", "rate_limit_exceeded", headers)
             return
-        if fault.kind in ("500", "503", "400", "401"):
+        if fault.kind in ("500", "503", "400", "401", "408"):
             self._error(int(fault.kind), f"scripted {fault.kind} (fake)", "server_error")
             return
         if fault.kind == "malformed":
