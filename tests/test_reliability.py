@@ -1,0 +1,185 @@
+"""Reliability of the trial loop against an OpenAI-compatible server: faults, the response cache, the token budget,
+and SIGKILL during each training stage followed by a resume.
+
+The actor and the reflector are real :class:`~retroformer.llm.openai_backend.OpenAIBackend` clients talking HTTP to
+:class:`~retroformer.testing.FakeOpenAIServer`, whose reply function plays the vault: the actor opens the door its
+newest reflection names (else the first door) and the reflector carries the clue forward. So every task fails trial
+0, gets one reflection and succeeds at trial 1: three calls per task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from retroformer.config import from_dict
+from retroformer.records import read_records
+from retroformer.testing import FakeOpenAIServer, Fault
+from retroformer.trials import TrialsConfig, records_path, run_trials
+
+CLUE = re.compile(r"the way out is the ([a-z]+) door")
+PLAN = re.compile(r"open the ([a-z]+) door")
+DOORS = re.compile(r"with \d+ doors: ([a-z, ]+)\.")
+MEMORY_HEADER = "Reflections on your earlier attempts"
+
+
+def vault_reply(prompt: str) -> str:
+    """The fake server's policy: reflect by carrying the clue; act by following the newest reflection."""
+    if prompt.rstrip().endswith("Reflection:"):
+        clues = CLUE.findall(prompt.split("Trajectory:")[-1])
+        door = clues[-1] if clues else "unknown"
+        return f"I opened the wrong door. Next time I will open the {door} door."
+    task = prompt.split("Task: ")[-1]
+    doors = DOORS.search(task).group(1).split(", ")
+    memory = prompt.split(MEMORY_HEADER)[-1].split("Task: ")[0] if MEMORY_HEADER in prompt else ""
+    plan = PLAN.findall(memory)
+    return f"Thought: I follow my plan.\nAction: open[{plan[-1] if plan else doors[0]}]"
+
+
+def server_cfg(tmp_path, base_url: str, run_name: str = "r", **over) -> TrialsConfig:
+    """Four vault tasks, three trials, actor and reflector over ``base_url`` with tiny timeouts and retries."""
+    llm = {"backend": "openai", "base_url": base_url, "model": "fake-model", "style": "chat", "timeout_s": 0.5}
+    llm.update(over.pop("llm", {}))
+    data = {
+        "run_name": run_name,
+        "runs_dir": str(tmp_path / "runs"),
+        "trials": 3,
+        "concurrency": 1,
+        "env": {"name": "synthetic", "options": {"num_tasks": 4, "num_doors": 3}},
+        "actor": {"kind": "react", "llm": dict(llm)},
+        "reflector": {"llm": dict(llm, max_tokens=64)},
+    }
+    for key, value in over.items():
+        node = data
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return from_dict(TrialsConfig, data)
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    """Retry delays of milliseconds (LLMConfig has no backoff field; the backend takes it as a constructor argument)."""
+    from retroformer.llm import openai_backend
+
+    monkeypatch.setattr(openai_backend.OpenAIBackend, "_backoff", lambda self, retry: 0.01)
+
+
+# --- faults through the loop --------------------------------------------------------------------------------------
+
+FAULTS = [
+    pytest.param(Fault("timeout"), id="timeout"),
+    pytest.param(Fault("429", retry_after="0.05"), id="429-retry-after"),
+    pytest.param(Fault("500"), id="500"),
+    pytest.param(Fault("503"), id="503"),
+    pytest.param(Fault("reset"), id="connection-reset"),
+    pytest.param(Fault("malformed"), id="malformed-json"),
+    pytest.param(Fault("empty"), id="empty-completion"),
+    pytest.param(Fault("null_content"), id="null-content"),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_few_faults_are_retried_and_the_run_completes(tmp_path, fault, caplog):
+    caplog.set_level("INFO", logger="retroformer")
+    server = FakeOpenAIServer(reply=vault_reply, faults=[fault, fault], timeout_hold_s=5)
+    with server as url:
+        res = run_trials(server_cfg(tmp_path, url, llm={"max_retries": 2}), progress=False)
+    assert server.faults_left == 0
+    posts = [r for r in server.requests if r.method == "POST"]
+    assert [r.fault for r in posts[:2]] == [fault.kind, fault.kind]
+    assert len(posts) == 12 + 2  # 3 calls per task, plus the two failed attempts
+    assert res.summary["errored_episodes"] == 0
+    assert res.summary["cumulative_success"] == [0.0, 1.0, 1.0]
+    assert all(r.error is None for r in res.records)
+    assert caplog.text.count("retrying in") == 2
+    if fault.kind == "429":
+        assert "retrying in 0.050 s" in caplog.text  # Retry-After replaces the backoff
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fault_past_the_retry_budget_errors_one_episode_and_the_run_goes_on(tmp_path, fault):
+    # concurrency 1: the first request is task 0's first action, so exactly that episode meets the faults.
+    server = FakeOpenAIServer(reply=vault_reply, faults=[fault] * 2, timeout_hold_s=5)
+    with server as url:
+        res = run_trials(server_cfg(tmp_path, url, llm={"max_retries": 1}), progress=False)
+    first, *others = sorted({r.task_id for r in res.records})
+    bad = [r for r in res.records if r.task_id == first]
+    assert len(bad) == 1  # an errored episode ends its task: no reflection, no further trial
+    (rec,) = bad
+    assert rec.end_reason == "llm_error" and rec.errored and not rec.success and rec.reflection is None
+    assert "failed after 2 attempt(s)" in rec.error
+    assert res.summary["errored_episodes"] == 1
+    assert res.summary["end_reasons"]["llm_error"] == 1
+    # neither success nor failure: trial 0's per-attempt rate counts only the 3 valid (failed) episodes
+    assert res.summary["per_attempt_success"][:2] == [0.0, 1.0]
+    assert res.summary["cumulative_success"][1] == 0.75
+    for task in others:
+        assert [(r.trial, r.success) for r in res.records if r.task_id == task] == [(0, False), (1, True)]
+    # a rerun does not retry the errored task (its last record is errored) and runs nothing else
+    with FakeOpenAIServer(reply=vault_reply) as url2:
+        again = run_trials(server_cfg(tmp_path, url2, llm={"max_retries": 1}), progress=False)
+    assert again.new_episodes == 0
+
+
+# --- response cache through the loop ------------------------------------------------------------------------------
+
+VOLATILE = ("created_at", "wall_time_s", "run_name", "actor_usage")
+
+
+def comparable(records) -> list[dict]:
+    out = []
+    for rec in sorted(records, key=lambda r: (r.task_id, r.trial)):
+        d = dataclasses.asdict(rec)
+        for key in VOLATILE:
+            d.pop(key)
+        if d["reflection"] is not None:
+            d["reflection"].pop("usage")
+        out.append(d)
+    return out
+
+
+def test_cache_makes_a_second_identical_run_call_nothing_and_record_the_same(tmp_path):
+    server = FakeOpenAIServer(reply=vault_reply)
+    cache = str(tmp_path / "cache")
+    with server as url:
+        first = run_trials(server_cfg(tmp_path, url, "first", cache_dir=cache, concurrency=4), progress=False)
+        calls_first = len(server.requests)
+        second = run_trials(server_cfg(tmp_path, url, "second", cache_dir=cache, concurrency=4), progress=False)
+        assert len(server.requests) == calls_first == 12  # the second run made no call at all
+    assert comparable(first.records) == comparable(second.records)
+    assert len(first.records) == len(second.records) == 8
+    # accounting: the second run spent no tokens, and says how many calls the cache answered
+    used = second.summary["cost"]
+    assert used["calls"] == 0 and used["total_tokens"] == 0 and used["cached_calls"] == 12
+    assert first.summary["cost"]["calls"] == 12
+
+
+# --- token budget -------------------------------------------------------------------------------------------------
+
+
+def test_budget_stops_cleanly_then_a_larger_budget_resumes_without_duplicates(tmp_path):
+    server = FakeOpenAIServer(reply=vault_reply)
+    with server as url:
+        small = run_trials(server_cfg(tmp_path, url, concurrency=2, **{"budget.max_tokens": 300}), progress=False)
+        calls_small = len(server.requests)
+        assert small.stopped_by_budget and small.summary["stopped_by_budget"]
+        recs = read_records(records_path(small.run_dir), repair=False)  # every line whole
+        assert 1 <= len(recs) < 8 and len(recs) == small.new_episodes
+        # every call the server answered belongs to a kept episode: nothing in flight was dropped
+        spent = sum(r.actor_usage.calls + (r.reflection.usage.calls if r.reflection else 0) for r in recs)
+        assert spent == calls_small
+        assert small.summary["cost"]["total_tokens"] >= 300
+
+        big = run_trials(server_cfg(tmp_path, url, concurrency=2, **{"budget.max_tokens": 100_000}), progress=False)
+    assert not big.stopped_by_budget
+    keys = [(r.task_id, r.trial) for r in big.records]
+    assert len(keys) == len(set(keys)) == 8
+    assert big.new_episodes == 8 - len(recs)
+    assert big.summary["cumulative_success"] == [0.0, 1.0, 1.0]
+    lines = records_path(big.run_dir).read_text().splitlines()
+    assert [json.loads(x) for x in lines[: len(recs)]] == [json.loads(r.to_json()) for r in recs]
