@@ -137,6 +137,10 @@ def load_rated_dataset(paths: str | Sequence[str], required_columns: Sequence[st
 
     parts = []
     for p in check_dataset_paths(paths):
+        state = Path(p) / "state.json"
+        # datasets cannot load a saved dataset without rows (it has no data files): say so plainly.
+        if state.is_file() and not json.loads(state.read_text()).get("_data_files", [None]):
+            raise DataError(f"dataset {p!r} has no rows; run more trials before training")
         ds = load_from_disk(p)
         if isinstance(ds, DatasetDict):
             if "train" not in ds:
