@@ -18,7 +18,8 @@ TARGET = " pearl"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_tiny_models(TinyModelConfig(out=str(tmp_path_factory.mktemp("tiny"))))
+    # the usual small init (0.02): the bandit's arms then start near-uniform, so every arm gets sampled
+    return build_tiny_models(TinyModelConfig(out=str(tmp_path_factory.mktemp("tiny")), initializer_range=0.02))
 
 
 def make_cfg(tiny, tmp_path, **overrides) -> ppo.PPORunConfig:

@@ -45,16 +45,33 @@ def reward_columns(source: str) -> tuple[str, ...]:
 
 
 def check_reward_model(path: str) -> None:
-    """Fail fast unless ``path`` is a model directory whose head outputs one scalar (``num_labels == 1``)."""
+    """Fail fast unless ``path`` is a reward model: a sequence classifier with one output (``num_labels == 1``).
+
+    ``path`` is a model directory (``config.json``) or a LoRA adapter with its score head (``adapter_config.json``
+    with ``task_type: SEQ_CLS``), as ``reward_run.py`` writes them. Only JSON is read; no weights are loaded.
+    """
     p = Path(path)
-    config_file = p / "config.json"
-    if not config_file.is_file():
-        hint = " (it holds an adapter: pass the merged reward model written by reward_run.py)" if (
-            p / "adapter_config.json").is_file() else ""  # fmt: skip
+    if not p.is_dir():
+        raise ConfigError(f"reward_model={path!r} does not exist; pass the output_dir of reward_run.py")
+    if not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+        adapter = json.loads((p / "adapter_config.json").read_text())
+        if adapter.get("task_type") != "SEQ_CLS":
+            raise ConfigError(
+                f"reward_model={path!r} is a LoRA adapter with task_type={adapter.get('task_type')!r}, not a reward "
+                "model; pass a SEQ_CLS adapter or merged model written by reward_run.py"
+            )
+        return
+    if not (p / "config.json").is_file():
         raise ConfigError(
-            f"reward_model={path!r} is not a model directory (no config.json){hint}; pass the output of reward_run.py"
+            f"reward_model={path!r} holds no config.json or adapter_config.json; pass the output_dir of reward_run.py"
         )
-    config = json.loads(config_file.read_text())
+    config = json.loads((p / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if architectures and not any("SequenceClassification" in a for a in architectures):
+        raise ConfigError(
+            f"reward_model={path!r} is a {architectures[0]}, not a reward model; pass a sequence-classification "
+            "model with one output (num_labels=1), as written by reward_run.py"
+        )
     num_labels = config.get("num_labels", len(config.get("id2label") or {}) or 2)
     if num_labels != 1:
         raise ConfigError(
