@@ -212,3 +212,10 @@ def test_script_runs_under_accelerate_launch(tmp_path, tiny_models, dataset):  #
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["sft/global_step"] == 2
+
+
+def test_completion_loss_goes_down(tmp_path, tiny_models, dataset):  # noqa: F811
+    argv = sft_argv(tiny_models["lm"], dataset, tmp_path / "sft", "--max_steps", "30", "--logging_steps", "5",
+                    "--learning_rate", "1e-2", "--lora.target_modules", "all-linear", "--save_steps", "100")  # fmt: skip
+    metrics = sft_run.main(argv)
+    assert metrics["sft/last_logged_loss"] < metrics["sft/first_logged_loss"] - 0.5
