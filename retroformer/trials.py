@@ -61,8 +61,9 @@ class ReflectorSection:
         "llm: write reflections with `llm`; none: no reflections (ReAct baseline)", "llm"
     )
     llm: LLMConfig = doc(
-        "the retrospective model (base + optional LoRA adapter, or a server)",
-        default_factory=lambda: LLMConfig(max_tokens=64),
+        "the retrospective model (base + optional LoRA adapter, or a server); completion style by default, the "
+        "format sft_run.py trains on",
+        default_factory=lambda: LLMConfig(max_tokens=64, style="completion"),
     )
     max_chars: int = doc("reflections are cut to this many characters (at a sentence end where possible)", 600)
 

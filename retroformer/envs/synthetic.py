@@ -44,12 +44,12 @@ PROMPTS = EnvPrompts(
     ),
     reflection_instructions=(
         "You failed to escape the vault. Write one or two sentences: why the attempt failed and exactly which door "
-        "to open next time, as open[<door>]."
+        "to open next time."
     ),
     reflection_examples=(
         "Trajectory: I opened the pearl door. Observation: The pearl door is locked. Scratched into it: the way out "
         "is the ochre door.\n"
-        "Reflection: I opened the wrong door. The scratch says the way out is the ochre door. Next time open[ochre].\n"
+        "Reflection: I opened the wrong door. The scratch said the way out is the ochre door, so I will open it next.\n"
     ),
 )
 
@@ -62,7 +62,7 @@ def corpus() -> list[str]:
         env = suite.make()
         texts.append(env.reset(task))
         texts.append(env.step(f"open[{task.payload['doors'][0]}]").observation)
-        texts.append(f"Reflection: Next time open[{task.payload['answer']}].")
+        texts.append(f"Reflection: The way out is the {task.payload['answer']} door, so I will open it next.")
     return texts
 
 
@@ -191,7 +191,7 @@ class ClueReflector(LLM):
         clues = _CLUE_RE.findall(request.prompt)
         if clues and rng.random() < self.carry_prob:
             door = clues[-1]
-            text = f"I opened the wrong door. The scratch said the way out is the {door} door. Next time open[{door}]."
+            text = f"I opened the wrong door. The scratch said the way out is the {door} door, so I will open it next."
         else:
             text = "I was unlucky with my choice. Next time I should think more carefully before acting."
         usage = Usage(prompt_tokens=len(request.prompt.split()), completion_tokens=len(text.split()), calls=1)

@@ -41,10 +41,15 @@ class LLMConfig:
     api_key_env: str = doc(
         "name of the environment variable holding the API key (read from .env by the scripts)", "OPENAI_API_KEY"
     )
-    style: Literal["chat", "completion"] = doc("chat: /chat/completions; completion: /completions", "chat")
+    style: Literal["chat", "completion"] = doc(
+        "chat: /chat/completions (hf: the tokenizer's chat template, when it has one); completion: /completions "
+        "(hf: plain text). Use completion for a reflector trained by sft_run.py on plain prompt/completion text",
+        "chat",
+    )
     concurrency: int = doc("most requests in flight at once against this backend", 8)
     max_retries: int = doc("retries on timeouts, 429 and 5xx before the call fails", 5)
     timeout_s: float = doc("per-request timeout in seconds", 60.0)
+    retry_backoff_s: float = doc("first retry delay in seconds; doubled per retry with jitter (at most 20 s)", 0.5)
     # --- decoding ---
     max_tokens: int = doc("most new tokens per call", 128)
     temperature: float = doc("sampling temperature; 0 is greedy", 0.0)
@@ -66,6 +71,10 @@ class LLMConfig:
         for name in ("concurrency", "max_tokens", "batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"llm.{name} must be >= 1, got {getattr(self, name)}")
+        if self.retry_backoff_s < 0 or self.timeout_s <= 0:
+            raise ConfigError(
+                f"llm.retry_backoff_s must be >= 0 and llm.timeout_s > 0, got {self.retry_backoff_s}, {self.timeout_s}"
+            )
         if self.max_retries < 0:
             raise ConfigError(f"llm.max_retries must be >= 0, got {self.max_retries}")
         if self.temperature < 0:
@@ -107,7 +116,7 @@ def build_llm(cfg: LLMConfig, api_key: str | None = None) -> LLM:
     if cfg.backend == "openai":
         from retroformer.llm.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(cfg, api_key=api_key)
+        return OpenAIBackend(cfg, api_key=api_key, backoff_s=cfg.retry_backoff_s)
     from retroformer.llm.hf_backend import HFBackend
 
     return HFBackend(cfg)
