@@ -16,8 +16,8 @@ Where this departs from the paper (section 4.2; its code used TRL's old ``PPOTra
 * **No value head.** The paper's PPO had a value head. A reflection is one action with one terminal reward, so we use
   the mean reward of ``num_samples_per_prompt`` samples of the same prompt as the baseline (as RLOO and GRPO do),
   plus batch normalisation of the advantages (``normalize_advantages``); see ``retroformer/training/ppo.py``.
-* **KL as a per-sequence penalty on the reward**, against a reference that is the same model with the LoRA adapter
-  disabled (no second copy in memory). Starting from an SFT adapter, the reference is therefore the base model.
+* **KL as a per-sequence penalty on the reward**, against a reference that shares the policy's base weights: a
+  frozen copy of the SFT adapter when training starts from one, else the model with its fresh adapter disabled.
 * **Online rewards as an option.** The paper scored reflections offline with a reward model (``reward_source: rm``,
   the default). ``reward_source: env`` re-runs the actor's next attempt with the sampled reflection and uses the
   return difference itself, the quantity the reward model was trained to predict.

@@ -154,6 +154,10 @@ def test_ppo_run_from_sft_adapter_and_yaml_recipe(tiny_models, tmp_path, stub_rm
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_models["lm"]), build_lora_config(LoraSettings(r=2), "CAUSAL_LM")
     )
+    with torch.no_grad():  # an SFT adapter that really changes the model (a fresh one has B = 0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
     model.save_pretrained(sft)
     AutoTokenizer.from_pretrained(tiny_models["lm"]).save_pretrained(sft)
     recipe = tmp_path / "ppo.yaml"
@@ -161,8 +165,13 @@ def test_ppo_run_from_sft_adapter_and_yaml_recipe(tiny_models, tmp_path, stub_rm
     args = ["--config", str(recipe), *base_args(tiny_models, tmp_path, sft_adapter=str(sft), num_iterations=1)]
     load_ppo_run().main(args)
     # the trained adapter is the SFT adapter's shape (rank 2), not the recipe's fresh-adapter rank
-    adapter_cfg = json.loads((tmp_path / "ppo" / "adapter_config.json").read_text())
+    out = tmp_path / "ppo"
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 2
+    # the reference is the SFT adapter itself (frozen copy), so the first rollout has no KL; only one adapter is saved
+    assert json.loads((out / "history.json").read_text())[0]["ppo/kl"] == 0.0
+    assert not (out / "reference").exists()
+    assert all("lora_" not in k or ".reference." not in k for k in lora_tensors(out))
 
 
 class FakeScorer:

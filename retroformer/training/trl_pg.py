@@ -23,9 +23,9 @@ max_new_tokens              ``max_completion_length``
 
 Differences from our loop: prompts are cut to ``max_prompt_length`` tokens (on the left) before TRL sees them;
 completions are not stopped at a blank line, only scored up to it; the learning rate follows TRL's default linear
-decay; when training starts from an SFT adapter and ``kl_coef > 0``, TRL keeps a frozen copy of that adapter as the
-reference (our loop uses the base model). Training runs in float32 without gradient checkpointing (both hurt on CPU).
-A group whose completions all get the same reward has zero advantage, hence zero loss and gradient: that is a
+decay. As in our loop, the reference is a frozen copy of the SFT adapter when training starts from one (TRL adds it
+when ``kl_coef > 0``), else the model with the fresh adapter disabled. Training runs in float32 without gradient
+checkpointing (both hurt on CPU). A group whose completions all get the same reward has zero advantage, hence zero loss and gradient: that is a
 degenerate batch, not a bug.
 """
 
