@@ -188,7 +188,10 @@ def _default_repr(f: dataclasses.Field) -> str:
 def make_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """A parser with ``--config`` and one documented ``--dotted.name`` flag per leaf field of ``cls``."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a prefix such as --kl must not silently set kl_coef
     )
     parser.add_argument("--config", help="YAML recipe; CLI flags override its values", default=None)
     for name, tp, f in _leaf_fields(cls):

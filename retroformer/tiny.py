@@ -10,6 +10,7 @@ trained tokenizer with it (a Qwen2 config was seen to swap in Qwen2's own). Noth
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -121,8 +122,9 @@ def build_tiny_models(cfg: TinyModelConfig, texts: list[str] | None = None) -> d
     lm = LlamaForCausalLM(model_cfg)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(cfg.seed + 1)
-    model_cfg.num_labels = 1
-    rm = LlamaForSequenceClassification(model_cfg)
+    rm_cfg = copy.deepcopy(model_cfg)  # the LM's config must not claim one label
+    rm_cfg.num_labels = 1
+    rm = LlamaForSequenceClassification(rm_cfg)
     for key, model in (("lm", lm), ("rm", rm)):
         paths[key].mkdir(parents=True, exist_ok=True)
         model.save_pretrained(paths[key])

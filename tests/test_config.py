@@ -82,3 +82,8 @@ def test_help_documents_every_leaf_field():
 def test_plan_actor_requires_synthetic_env():
     with pytest.raises(ConfigError, match="actor.kind=plan works only with env.name=synthetic"):
         from_dict(TrialsConfig, {"actor": {"kind": "plan"}, "env": {"name": "hotpotqa"}})
+
+
+def test_option_prefixes_are_not_abbreviations():
+    with pytest.raises(ConfigError, match="unknown option '--memory'"):
+        load_config(TrialsConfig, ["--memory", "2"])
