@@ -123,6 +123,22 @@ def dataset_path(directory: str | Path) -> Path:
     return Path(directory) / "datasets" / "rated_reflections"
 
 
+def check_model_paths(cfg: TrialsConfig, roles: tuple[str, ...] = ("actor", "reflector")) -> None:
+    """Fail before any episode on an in-process model or adapter path that does not exist (hub ids pass)."""
+    from retroformer.training.common import check_model_path
+
+    sections = {
+        "actor": (cfg.actor, cfg.actor.kind != "plan"),
+        "reflector": (cfg.reflector, cfg.reflector.kind != "none"),
+    }
+    for role in roles:
+        section, used = sections[role]
+        if used and section.llm.backend == "hf":
+            check_model_path(section.llm.model, f"{role}.llm.model")
+            if section.llm.adapter:
+                check_model_path(section.llm.adapter, f"{role}.llm.adapter")
+
+
 def build_suite(cfg: TrialsConfig) -> EnvSuite:
     return make_suite(cfg.env.name, cfg.env.options)
 
@@ -234,6 +250,9 @@ async def run_trials_async(
     its own key. ``actor``/``reflector`` override the configured ones (tests, custom agents).
     """
     api_keys = api_keys or {}
+    check_model_paths(
+        cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
+    )
     start = time.perf_counter()
     out = run_dir(cfg)
     suite = build_suite(cfg)

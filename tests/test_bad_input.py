@@ -118,10 +118,6 @@ def count_episode_starts(monkeypatch) -> list[int]:
     return made
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an hf model path is only checked when the first episode generates; fix: check paths in run_trials_async",
-)
 @pytest.mark.parametrize("role", ["actor", "reflector"])
 def test_trials_with_a_missing_hf_model_fail_before_any_episode(role, tmp_path, monkeypatch, capsys):
     made = count_episode_starts(monkeypatch)

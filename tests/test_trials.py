@@ -128,10 +128,12 @@ def test_react_actor_success_uses_memory(tmp_path):
     cfg = make_cfg(tmp_path, **{"actor.kind": "react"})
 
     def policy(prompt: str) -> str:
+        from retroformer.envs.synthetic import planned_door
+
         memory = prompt.split("Reflections on your earlier attempts")[-1] if "Reflections on" in prompt else ""
-        plan = re.findall(r"open\[([a-z]+)\]", memory)
         doors = doors_of(prompt)
-        return f"Thought: go\nAction: open[{plan[-1] if plan else doors[0]}]"
+        plan = planned_door([memory.split("Task:")[0]], doors)
+        return f"Thought: go\nAction: open[{plan or doors[0]}]"
 
     from retroformer.agents.actor import ReActActor
     from retroformer.envs.synthetic import PROMPTS
