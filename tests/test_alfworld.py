@@ -280,3 +280,26 @@ def test_shipped_game_file_is_used_when_present(alfworld, tmp_path):
     assert len(tasks) == 2 and all(t.payload["game_file"] for t in tasks)
     env = suite.make()
     assert "Your task is to:" in env.reset(tasks[0])
+
+
+def test_process_exits_cleanly_after_concurrent_episodes(alfworld, tmp_path):
+    """Planner library copies are never unloaded, so the interpreter's exit does not crash (it did, with SIGSEGV)."""
+    import subprocess
+
+    script = tmp_path / "play.py"
+    script.write_text(
+        "import threading\n"
+        "from retroformer.envs import make_suite\n"
+        "suite = make_suite('alfworld')\n"
+        "tasks = suite.tasks()\n"
+        "def play(i):\n"
+        "    env = suite.make(); env.reset(tasks[i % len(tasks)]); env.step('look'); env.close()\n"
+        "threads = [threading.Thread(target=play, args=(i,)) for i in range(3)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "for i in range(3):\n"
+        "    play(i)\n"
+        "print('played')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "played" in proc.stdout

@@ -82,6 +82,25 @@ _PUT_RE = re.compile(r"^\s*put\s+(?P<obj>.+?)\s+(?:in/on|in|on|into|onto)\s+(?P<
 # engine hold this lock; a step takes milliseconds, so episodes still overlap on what is slow (the LLM calls).
 _ENGINE_LOCK = threading.Lock()
 
+# Each TextWorld PddlEnv loads its own copy of fast-downward's shared library. The copies share C++ registries (unique
+# symbols are bound process-wide), so unloading one (``fast_downward.close_lib``) leaves function pointers into
+# unmapped code that crash the interpreter at exit. Copies are therefore never unloaded: idle engines wait here and are
+# reused, so a run holds at most as many copies as it has concurrent episodes.
+_IDLE_ENGINES: list[Any] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _acquire_engine() -> Any:
+    with _POOL_LOCK:
+        if _IDLE_ENGINES:
+            return _IDLE_ENGINES.pop()
+    return make_textworld_env()
+
+
+def _release_engine(engine: Any) -> None:
+    with _POOL_LOCK:
+        _IDLE_ENGINES.append(engine)
+
 
 def translate_put(action: str) -> str:
     """``put O in/on R`` (pre-0.4 grammar) -> ``move O to R`` (alfworld 0.4.x); other actions are returned as is."""
@@ -380,7 +399,7 @@ class AlfWorldEnv(TextEnv):
 
     def reset(self, task: Task) -> str:
         if self._env is None:
-            self._env = make_textworld_env()
+            self._env = _acquire_engine()
         game_file = task.payload.get("game_file")
         game = game_file if game_file else build_game_data(task.payload["game_dir"], key=task.task_id)
         state = load_game(self._env, game)
@@ -436,9 +455,5 @@ class AlfWorldEnv(TextEnv):
 
     def close(self) -> None:
         if self._env is not None:
-            import fast_downward
-
-            # Each PddlEnv loads its own copy of the planner library; unload it rather than leak one per episode.
-            fast_downward.close_lib(self._env.unwrapped.downward_lib)
-            self._env.close()
+            _release_engine(self._env)  # reused by the next episode; see _IDLE_ENGINES
             self._env = None
