@@ -134,6 +134,20 @@ def test_a_fault_past_the_retry_budget_errors_one_episode_and_the_run_goes_on(tm
     assert again.new_episodes == 0
 
 
+def test_a_reflector_fault_past_the_retry_budget_keeps_the_episode_and_stops_only_that_task(tmp_path):
+    # concurrency 1: request 1 is task 0's action, request 2 its reflection (which meets the faults).
+    server = FakeOpenAIServer(reply=vault_reply, faults=[None, "500", "503"])
+    with server as url:
+        res = run_trials(server_cfg(tmp_path, url, llm={"max_retries": 1}), progress=False)
+    first = min(r.task_id for r in res.records)
+    (rec,) = [r for r in res.records if r.task_id == first]
+    # the attempt itself is a valid failure (counted per attempt); no reflection means no further trial
+    assert rec.end_reason == "done" and rec.reflection is None and rec.error.startswith("reflector:")
+    assert "HTTP 503" in rec.error
+    assert res.summary["errored_episodes"] == 1 and res.summary["per_attempt_success"][:2] == [0.0, 1.0]
+    assert res.summary["cumulative_success"][1] == 0.75
+
+
 # --- response cache through the loop ------------------------------------------------------------------------------
 
 VOLATILE = ("created_at", "wall_time_s", "run_name", "actor_usage")
