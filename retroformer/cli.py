@@ -89,12 +89,14 @@ def fill_env_paths(cfg) -> None:
         and os.environ.get("HOTPOTQA_DATA")
     ):
         opts["data_path"] = os.environ["HOTPOTQA_DATA"]
-    if opts:
-        # Re-validate against the environment's own Config so a bad path or key fails before any model loads.
-        from retroformer.config import from_dict
-        from retroformer.envs.base import get_env_class
+    # The environment's name and options are checked first, so that a typo there is reported before model paths (which
+    # the trial loop checks next) and before any model loads.
+    from retroformer.config import from_dict
+    from retroformer.envs.base import get_env_class
 
-        from_dict(get_env_class(cfg.env.name).Config, opts, where="env.options")
+    env_class = get_env_class(cfg.env.name)
+    if opts:
+        from_dict(env_class.Config, opts, where="env.options")
 
 
 def cmd_tiny_models(argv: list[str]) -> int:

@@ -103,8 +103,10 @@ class TrialsConfig:
             raise ConfigError(
                 f"actor.kind=plan works only with env.name=synthetic (got {self.env.name!r}); use actor.kind=react"
             )
-        if not self.run_name or "/" in self.run_name:
-            raise ConfigError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+        if not self.run_name or "/" in self.run_name or "\\" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError(
+                f"run_name must be a plain directory name (not '.' or '..', no '/' or '\\'), got {self.run_name!r}"
+            )
 
 
 def run_dir(cfg: TrialsConfig) -> Path:
@@ -339,7 +341,8 @@ async def run_trials_async(
                 wall_time_s=round(time.perf_counter() - t0, 4),
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             )
-            writer.append(record)
+            # fsync takes milliseconds: off the event loop, so that other episodes keep running meanwhile.
+            await asyncio.to_thread(writer.append, record)
             new_records.append(record)
             ledger.add("actor", actor.actor_id, result.usage)
             if reflection is not None:

@@ -132,11 +132,6 @@ def test_trials_with_a_missing_hf_model_fail_before_any_episode(role, tmp_path, 
     assert not (tmp_path / "runs" / "bad" / "trials" / "episodes.jsonl").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="without options the environment name is checked after the model paths, so on a checkout without "
-    "runs/tiny the default model's missing path is reported instead of the typo",
-)
 def test_trials_recipe_with_a_misspelt_environment_suggests_the_closest(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a fresh checkout: the default reflector model runs/tiny/lm does not exist here
     recipe = tmp_path / "r.yaml"
@@ -179,7 +174,6 @@ def test_a_record_of_the_wrong_shape_is_named_with_its_line(tmp_path, capsys):
     assert f"{path}:2: " in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="run_name '..' or '.' passes validation and moves the run out of runs_dir")
 @pytest.mark.parametrize("name", ["..", "."])
 def test_a_run_name_that_is_not_a_plain_directory_name_is_refused(name, tmp_path, capsys):
     runs = tmp_path / "runs"

@@ -275,14 +275,7 @@ def test_sigkill_during_a_training_stage_then_the_rerun_resumes_and_finishes(sta
 
 @pytest.mark.parametrize(
     "stage",
-    [
-        pytest.param(
-            s, marks=pytest.mark.xfail(strict=True, reason="resume_checkpoint picks a half-written checkpoint-N")
-        )
-        if s != "ppo"
-        else s
-        for s in STAGES
-    ],
+    STAGES,
 )
 def test_a_half_written_last_checkpoint_is_skipped_on_resume(stage, tmp_path, tiny_models):
     """A kill while checkpoint-N is being written leaves it without its last file; resume must use the one before."""

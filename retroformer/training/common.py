@@ -160,15 +160,34 @@ def load_rated_dataset(paths: str | Sequence[str], required_columns: Sequence[st
     return ds
 
 
-def resume_checkpoint(output_dir: str | Path) -> str | None:
-    """The last ``checkpoint-N`` directory in ``output_dir``, to resume from automatically, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+#: The file each kind of checkpoint writes last: the HF Trainer's state, and our PPO loop's state. A checkpoint-N
+#: without it was cut off mid-write (a kill during a save) and cannot be resumed from.
+CHECKPOINT_COMPLETE_MARKERS = ("trainer_state.json", "training_state.pt")
 
-    if not Path(output_dir).is_dir():
+
+def resume_checkpoint(output_dir: str | Path) -> str | None:
+    """The last complete ``checkpoint-N`` directory in ``output_dir``, to resume from automatically, or None."""
+    out = Path(output_dir)
+    if not out.is_dir():
         return None
-    last = get_last_checkpoint(str(output_dir))
-    if last is not None:
-        logger.info("resuming from checkpoint %s", last)
+    complete: list[tuple[int, Path]] = []
+    for d in out.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if not match or not d.is_dir():
+            continue
+        if any((d / marker).is_file() for marker in CHECKPOINT_COMPLETE_MARKERS):
+            complete.append((int(match.group(1)), d))
+        else:
+            logger.warning(
+                "ignoring %s: it has none of %s, so its save was cut off; resuming from an earlier checkpoint "
+                "(delete the directory to silence this)",
+                d,
+                list(CHECKPOINT_COMPLETE_MARKERS),
+            )
+    if not complete:
+        return None
+    last = str(max(complete)[1])
+    logger.info("resuming from checkpoint %s", last)
     return last
 
 
