@@ -31,17 +31,31 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def pipeline(workdir: str, seed: int, tiny: str = "runs/tiny") -> list[tuple[str, list[str]]]:
-    """The demo's steps as (title, argv) pairs; paths are relative to the repository root."""
+#: Shape of the demo's tiny models (``retroformer tiny-models`` flags). initializer_range 0.2 rather than the default
+#: 0.3: at 0.3 the random attention logits are so large (std ~6) that the softmax is saturated and LoRA cannot learn
+#: to attend to the clue; at 0.1 the logits are bounded too tightly (tied embeddings behind the final RMSNorm) for a
+#: LoRA adapter to make the model confident. See bench/LEARNING.md.
+TINY_FLAGS = ["--initializer_range", "0.2"]
+#: Tasks collected for training (~3 rated reflections each, about half of them helpful).
+NUM_TASKS = 1024
+
+
+def pipeline(workdir: str, seed: int, tiny: str | None = None) -> list[tuple[str, list[str]]]:
+    """The demo's steps as (title, argv) pairs; paths are relative to the repository root.
+
+    ``tiny`` defaults to ``<workdir>/tiny``; the tiny models are rebuilt every time (seconds), so a stale shape left
+    there by an older recipe is never used.
+    """
+    tiny = tiny or f"{workdir}/tiny"
     py = sys.executable
     trials = [py, "-m", "retroformer.cli", "trials"]
     common = ["--runs_dir", workdir, "--seed", str(seed)]
     evaluate = [*trials, "--config", str(HERE / "eval.yaml"), *common, "--reflector.llm.model", f"{tiny}/lm"]
     return [
-        ("tiny models", [py, "-m", "retroformer.cli", "tiny-models", "--out", tiny]),
+        ("tiny models", [py, "-m", "retroformer.cli", "tiny-models", "--out", tiny, *TINY_FLAGS, "--force", "true"]),
         ("collect rated reflections",
          [*trials, "--config", str(HERE / "collect.yaml"), *common,
-          "--env.options", f"{{num_tasks: 96, num_doors: 4, seed: {100 + seed}}}",
+          "--env.options", f"{{num_tasks: {NUM_TASKS}, num_doors: 4, seed: {100 + seed}}}",
           "--reflector.llm.scripted_options", f"{{carry_prob: 0.5, seed: {seed}}}"]),
         ("SFT", [py, "sft_run.py", "--config", str(HERE / "sft.yaml"), "--model", f"{tiny}/lm",
                  "--dataset", f"[{workdir}/collect/datasets/rated_reflections]", "--output_dir", f"{workdir}/sft",
@@ -51,6 +65,7 @@ def pipeline(workdir: str, seed: int, tiny: str = "runs/tiny") -> list[tuple[str
                           "--output_dir", f"{workdir}/reward", "--seed", str(seed)]),
         ("PPO", [py, "ppo_run.py", "--config", str(HERE / "ppo.yaml"), "--model", f"{tiny}/lm",
                  "--sft_adapter", f"{workdir}/sft", "--reward_model", f"{workdir}/reward",
+                 "--env_run_dir", f"{workdir}/collect",
                  "--dataset", f"[{workdir}/collect/datasets/rated_reflections]", "--output_dir", f"{workdir}/ppo",
                  "--seed", str(seed)]),
         ("evaluate: no reflections (ReAct)", [*evaluate, "--run_name", "eval-none", "--reflector.kind", "none"]),
@@ -64,9 +79,14 @@ def pipeline(workdir: str, seed: int, tiny: str = "runs/tiny") -> list[tuple[str
 
 
 def run_steps(steps: list[tuple[str, list[str]]], log=print) -> list[tuple[str, float]]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RETROFORMER_LOG_LEVEL": os.environ.get("RETROFORMER_LOG_LEVEL",
-                                                                                       "WARNING")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RETROFORMER_LOG_LEVEL": os.environ.get("RETROFORMER_LOG_LEVEL", "WARNING"),
+    }
     timings = []
     for i, (title, argv) in enumerate(steps, start=1):
         shown = " ".join(shlex.quote(a) for a in argv).replace(sys.executable, "python")
@@ -84,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo", help="run directory of every step (relative to the repo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data collection and training")
-    parser.add_argument("--tiny", default="runs/tiny", help="where the tiny models are built")
+    parser.add_argument("--tiny", default=None, help="where the tiny models are built (default: <workdir>/tiny)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     timings = run_steps(pipeline(args.workdir, args.seed, args.tiny), log=print)
