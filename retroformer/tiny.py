@@ -38,8 +38,9 @@ class TinyModelConfig:
     max_position_embeddings: int = doc("longest sequence in tokens", 2048)
     initializer_range: float = doc(
         "std of the random weights. Larger than the usual 0.02 so that a LoRA adapter can make the tiny model "
-        "confident: with tied embeddings behind a final RMSNorm, logits are bounded by the embedding norm",
-        0.3,
+        "confident (tied embeddings behind a final RMSNorm bound the logits), but not so large that the random "
+        "attention is saturated (at 0.3 LoRA cannot learn to attend to a token in the prompt)",
+        0.2,
     )
     seed: int = doc("seed for the random weights", 0)
     force: bool = doc("rebuild even if the output already exists", False)
