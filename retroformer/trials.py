@@ -24,7 +24,7 @@ from typing import Literal
 from retroformer.agents.actor import Actor, ReActActor
 from retroformer.agents.memory import memory_window
 from retroformer.agents.reflector import Reflector
-from retroformer.config import doc, save_config, to_dict
+from retroformer.config import doc, save_config
 from retroformer.envs.base import EnvSuite, Task, make_suite
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, LLMError
 from retroformer.llm import LLMConfig, build_llm
@@ -390,7 +390,3 @@ def _remaining(cfg: TrialsConfig, done: list[EpisodeRecord]) -> int:
 def run_trials(cfg: TrialsConfig, **kwargs) -> TrialsResult:
     """Synchronous wrapper of :func:`run_trials_async`."""
     return asyncio.run(run_trials_async(cfg, **kwargs))
-
-
-def resolved_config(cfg: TrialsConfig) -> dict:
-    return to_dict(cfg)
