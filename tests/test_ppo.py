@@ -128,6 +128,36 @@ def test_kl_is_zero_for_a_fresh_adapter(tiny, tmp_path):
     assert len(batch.reflections) == 8 and all("\n\n" not in y for y in batch.reflections)
 
 
+def test_first_epoch_ratio_is_one_and_the_update_favours_positive_advantages(tiny, tmp_path):
+    # the log-probabilities the update starts from are those of the sampled tokens under the sampling policy (ratio
+    # exactly 1 in train mode, left padding and eos/pad handling included), and one gradient step on the clipped
+    # surrogate raises the log-probability of the positive-advantage reflections and lowers the negative ones
+    cfg = make_cfg(tiny, tmp_path, num_samples_per_prompt=4, max_new_tokens=6, temperature=1.0, kl_coef=0.0)
+    torch.manual_seed(0)
+    model, tokenizer = ppo.build_policy(cfg)
+    prompts = ["Result: failed\nReflection:", "Observation: the way out is the jade door.\nResult: failed\nReflection:"]
+    rows = [{"prompt": p} for p in prompts]
+
+    def reward(prompts, reflections, rows):  # any reward that tells samples apart
+        return [float(i % 2) for i in range(len(reflections))]
+
+    batch = ppo.collect_rollout(model, tokenizer, prompts, rows, reward, cfg)
+    assert torch.all(batch.advantages[0::2] < 0) and torch.all(batch.advantages[1::2] > 0)
+    model.train()
+    new, _ = ppo.token_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, cfg.temperature)
+    assert torch.equal(new * batch.mask, batch.logprobs * batch.mask)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    loss, clipfrac, approx_kl = ppo.clipped_surrogate_loss(new, batch.logprobs, batch.advantages, batch.mask, 0.2)
+    assert clipfrac.item() == 0.0 and approx_kl.item() == 0.0
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after, _ = ppo.token_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, 1.0)
+    delta = ((after - batch.logprobs) * batch.mask).sum(1)
+    assert delta[1::2].mean() > 0 > delta[0::2].mean()
+
+
 class RestrictTo:
     """Logits processor: only ``allowed`` token ids can be sampled (keeps the bandit to a few arms)."""
 

@@ -8,7 +8,7 @@ Each step is the command a user would type; they are printed as they run:
 2. collect rated reflections on the synthetic vault environment (plan-following actor, scripted behaviour reflector)
 3. SFT the retrospective model on the reflections that helped (LoRA)
 4. train a reward model on all ratings
-5. PPO from the SFT adapter against the reward model (LoRA, KL to the adapter-free reference)
+5. PPO from the SFT adapter with the online environment reward (LoRA, KL to the SFT adapter; see ppo.yaml)
 6-8. evaluate three reflectors on the same held-out tasks: none (ReAct), the frozen base model (Reflexion-style),
    the trained adapter (Retroformer)
 9. report: success per trial side by side, a PNG plot and a JSON file
