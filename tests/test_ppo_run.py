@@ -59,8 +59,11 @@ def make_dataset(path: Path, num_prompts: int = 3, columns=RATED_REFLECTION_COLU
 
 
 def stub_scores(prompts: list[str], reflections: list[str]) -> list[float]:
-    """Varies with the text, so that groups are not degenerate and the policy gets a gradient."""
-    return [len(y.split()) / 10.0 for y in reflections]
+    """Varies with the whole text (not just its length), so that groups of different samples are not degenerate and
+    the policy gets a gradient."""
+    import hashlib
+
+    return [int(hashlib.sha256(y.encode()).hexdigest()[:6], 16) / 0xFFFFFF for y in reflections]
 
 
 @pytest.fixture
