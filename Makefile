@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python experiments/demo/run_demo.py
+	$(BIN)/python experiments/demo/run_demo.py --fresh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -105,7 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/demo", help="run directory of every step (relative to the repo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data collection and training")
     parser.add_argument("--tiny", default=None, help="where the tiny models are built (default: <workdir>/tiny)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the workdir first; without it every step resumes what it finds (a rerun after a crash continues)",
+    )
     args = parser.parse_args(argv)
+    if args.fresh and Path(args.workdir).exists():
+        import shutil
+
+        shutil.rmtree(args.workdir)
     t0 = time.perf_counter()
     timings = run_steps(pipeline(args.workdir, args.seed, args.tiny), log=print)
     total = time.perf_counter() - t0
