@@ -23,27 +23,12 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-CLUE = re.compile(r"the way out is the ([a-z]+) door")
-PLAN = re.compile(r"open the ([a-z]+) door")
-DOORS = re.compile(r"with \d+ doors: ([a-z, ]+)\.")
-MEMORY_HEADER = "Reflections on your earlier attempts"
-
-
-def vault_reply(prompt: str) -> str:
-    """Fixed policy: reflect by carrying the clue; act by following the newest reflection, else the first door."""
-    if prompt.rstrip().endswith("Reflection:"):
-        clues = CLUE.findall(prompt.split("Trajectory:")[-1])
-        return f"I opened the wrong door. Next time I will open the {clues[-1] if clues else 'first'} door."
-    doors = DOORS.search(prompt.split("Task: ")[-1]).group(1).split(", ")
-    memory = prompt.split(MEMORY_HEADER)[-1].split("Task: ")[0] if MEMORY_HEADER in prompt else ""
-    plan = PLAN.findall(memory)
-    return f"Thought: I follow my plan.\nAction: open[{plan[-1] if plan else doors[0]}]"
+from retroformer.testing.vault_policy import vault_reply
 
 
 def _serve(latency_s: float, conn) -> None:

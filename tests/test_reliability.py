@@ -26,25 +26,8 @@ from helpers_training import load_script, write_rated_dataset
 from retroformer.config import from_dict
 from retroformer.records import read_records
 from retroformer.testing import FakeOpenAIServer, Fault
+from retroformer.testing.vault_policy import vault_reply
 from retroformer.trials import TrialsConfig, records_path, run_trials
-
-CLUE = re.compile(r"the way out is the ([a-z]+) door")
-PLAN = re.compile(r"open the ([a-z]+) door")
-DOORS = re.compile(r"with \d+ doors: ([a-z, ]+)\.")
-MEMORY_HEADER = "Reflections on your earlier attempts"
-
-
-def vault_reply(prompt: str) -> str:
-    """The fake server's policy: reflect by carrying the clue; act by following the newest reflection."""
-    if prompt.rstrip().endswith("Reflection:"):
-        clues = CLUE.findall(prompt.split("Trajectory:")[-1])
-        door = clues[-1] if clues else "unknown"
-        return f"I opened the wrong door. Next time I will open the {door} door."
-    task = prompt.split("Task: ")[-1]
-    doors = DOORS.search(task).group(1).split(", ")
-    memory = prompt.split(MEMORY_HEADER)[-1].split("Task: ")[0] if MEMORY_HEADER in prompt else ""
-    plan = PLAN.findall(memory)
-    return f"Thought: I follow my plan.\nAction: open[{plan[-1] if plan else doors[0]}]"
 
 
 def server_cfg(tmp_path, base_url: str, run_name: str = "r", **over) -> TrialsConfig:
