@@ -38,13 +38,15 @@ def make_parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from retroformer.cli import actor_api_key, load_env_file
     from retroformer.config import load_config
     from retroformer.training.common import setup_logging
     from retroformer.training.ppo import PPORunConfig, run
 
+    load_env_file()
     setup_logging()
     cfg = load_config(PPORunConfig, argv, prog="ppo_run.py")
-    return run(cfg)
+    return run(cfg, api_key=actor_api_key(cfg.env_run_dir) if cfg.reward_source == "env" else None)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ def make_parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from retroformer.cli import load_env_file
     from retroformer.config import load_config
     from retroformer.training.common import setup_logging
     from retroformer.training.reward import RewardStageConfig, run_reward
 
+    load_env_file()  # HF_TOKEN, tracker keys, ...: from .env, never from the library
     setup_logging()
     cfg = load_config(RewardStageConfig, argv, prog="reward_run.py")
     return run_reward(cfg)

@@ -49,6 +49,22 @@ def api_key_for(env_var: str) -> str | None:
     return os.environ.get(env_var) or None
 
 
+def actor_api_key(run_dir: str | None) -> str | None:
+    """The key of a trials run's actor endpoint (for ppo_run.py's online reward), from the variable its config names."""
+    if not run_dir:
+        return None
+    from retroformer.config import read_yaml
+    from retroformer.records import config_path
+
+    path = config_path(run_dir)
+    if not path.is_file():
+        return None  # the reward source reports the missing run directory with its own message
+    llm = (read_yaml(path).get("actor") or {}).get("llm") or {}
+    if llm.get("backend") != "openai":
+        return None
+    return api_key_for(str(llm.get("api_key_env") or "OPENAI_API_KEY"))
+
+
 def cmd_trials(argv: list[str]) -> int:
     from retroformer.config import load_config, to_dict
     from retroformer.report import format_summary

@@ -18,6 +18,21 @@ from retroformer.types import EpisodeRecord
 logger = logging.getLogger(__name__)
 
 
+def records_path(run_dir: str | Path) -> Path:
+    """Where a trials run (``runs/<name>``) keeps its episode records."""
+    return Path(run_dir) / "trials" / "episodes.jsonl"
+
+
+def config_path(run_dir: str | Path) -> Path:
+    """Where a trials run keeps its resolved config."""
+    return Path(run_dir) / "trials" / "config.yaml"
+
+
+def dataset_path(run_dir: str | Path) -> Path:
+    """Where a trials run exports its rated reflections."""
+    return Path(run_dir) / "datasets" / "rated_reflections"
+
+
 def read_records(path: str | Path, repair: bool = True) -> list[EpisodeRecord]:
     """All records of a file. A partial last line (crash mid-write) is truncated away when ``repair``."""
     p = Path(path)

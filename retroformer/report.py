@@ -102,8 +102,7 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
 def load_run(run: str | Path) -> tuple[str, dict[str, Any]]:
     """Summary of a trials run directory (``runs/<name>``)."""
     from retroformer.config import read_yaml
-    from retroformer.records import read_records
-    from retroformer.trials import config_path, records_path
+    from retroformer.records import config_path, read_records, records_path
 
     run = Path(run)
     if not records_path(run).is_file():

@@ -28,7 +28,7 @@ from retroformer.config import doc, save_config
 from retroformer.envs.base import EnvSuite, Task, make_suite
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, LLMError
 from retroformer.llm import LLMConfig, build_llm
-from retroformer.records import RecordWriter, read_records
+from retroformer.records import RecordWriter, config_path, dataset_path, read_records, records_path
 from retroformer.rollout import prompts_for, run_episode
 from retroformer.types import ERRORED_END_REASONS, EpisodeRecord, Reflection, Usage
 
@@ -111,18 +111,6 @@ class TrialsConfig:
 
 def run_dir(cfg: TrialsConfig) -> Path:
     return Path(cfg.runs_dir) / cfg.run_name
-
-
-def records_path(directory: str | Path) -> Path:
-    return Path(directory) / "trials" / "episodes.jsonl"
-
-
-def config_path(directory: str | Path) -> Path:
-    return Path(directory) / "trials" / "config.yaml"
-
-
-def dataset_path(directory: str | Path) -> Path:
-    return Path(directory) / "datasets" / "rated_reflections"
 
 
 def check_model_paths(cfg: TrialsConfig, roles: tuple[str, ...] = ("actor", "reflector")) -> None:

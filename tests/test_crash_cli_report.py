@@ -122,3 +122,19 @@ def test_report_side_by_side_and_fingerprint_refusal(tmp_path, capsys):
         write_report([runs / "none", runs / "other"], tmp_path / "report2")
     assert main(["report", str(runs / "none"), str(runs / "half"), "--out", str(tmp_path / "r3")]) == 0
     assert "plot:" in capsys.readouterr().out
+
+
+def test_actor_api_key_comes_from_the_variable_the_trial_run_names(tmp_path, monkeypatch):
+    from retroformer.cli import actor_api_key
+    from retroformer.config import from_dict, save_config
+    from retroformer.trials import TrialsConfig, config_path
+
+    run = tmp_path / "run"
+    cfg = from_dict(TrialsConfig, {"actor": {"llm": {"backend": "openai", "model": "m", "api_key_env": "ACTOR_KEY"}}})
+    save_config(cfg, config_path(run))
+    monkeypatch.setenv("ACTOR_KEY", "sk-actor-sentinel")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-other")
+    assert actor_api_key(str(run)) == "sk-actor-sentinel"
+    save_config(from_dict(TrialsConfig, {"actor": {"kind": "plan"}}), config_path(run))
+    assert actor_api_key(str(run)) is None  # an in-process or plan actor needs no key
+    assert actor_api_key(str(tmp_path / "missing")) is None

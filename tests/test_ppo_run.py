@@ -183,7 +183,7 @@ class FakeScorer:
     calls: list = []
 
     @classmethod
-    def from_run_dir(cls, run_dir):
+    def from_run_dir(cls, run_dir, api_key=None):
         cls.calls.append(run_dir)
         return cls()
 

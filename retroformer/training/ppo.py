@@ -620,8 +620,12 @@ def check_inputs(cfg: PPORunConfig) -> tuple[list[str], list[dict[str, Any]]]:
     return load_prompts(cfg)
 
 
-def run(cfg: PPORunConfig) -> dict[str, Any]:
-    """The whole stage: check, load, train with ``cfg.algorithm``, save adapter + tokenizer + config + metrics."""
+def run(cfg: PPORunConfig, api_key: str | None = None) -> dict[str, Any]:
+    """The whole stage: check, load, train with ``cfg.algorithm``, save adapter + tokenizer + config + metrics.
+
+    ``api_key``: for ``reward_source: env`` with an actor behind an OpenAI-compatible API, that endpoint's key (the
+    script reads it from the environment variable the trial run's ``actor.llm.api_key_env`` names).
+    """
     from retroformer.training.common import log_config, write_metrics
     from retroformer.training.rewards import build_reward_source
 
@@ -630,7 +634,7 @@ def run(cfg: PPORunConfig) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir / "config.yaml")
-    reward = build_reward_source(cfg)
+    reward = build_reward_source(cfg, api_key=api_key)
     try:
         if cfg.algorithm == "ppo":
             model, tokenizer = build_policy(cfg)

@@ -135,10 +135,11 @@ class EnvRewardSource:
         self._loop = asyncio.new_event_loop()
 
     @classmethod
-    def from_run_dir(cls, run_dir: str) -> EnvRewardSource:
+    def from_run_dir(cls, run_dir: str, api_key: str | None = None) -> EnvRewardSource:
+        """``api_key``: the key of the run's actor endpoint (an OpenAI-compatible actor), passed in by the script."""
         from retroformer.rollout import OnlineReflectionScorer
 
-        return cls(OnlineReflectionScorer.from_run_dir(run_dir))
+        return cls(OnlineReflectionScorer.from_run_dir(run_dir, api_key=api_key))
 
     def score(self, prompts: list[str], reflections: list[str], rows: list[dict[str, Any]]) -> list[float]:
         del prompts  # the row names the task and trial; the scorer rebuilds the attempt from the run directory
@@ -152,10 +153,10 @@ class EnvRewardSource:
             self._loop.close()
 
 
-def build_reward_source(cfg) -> RewardSource:
-    """The reward source named by ``cfg.reward_source``."""
+def build_reward_source(cfg, api_key: str | None = None) -> RewardSource:
+    """The reward source named by ``cfg.reward_source``; ``api_key`` is the actor's key for ``env``."""
     if cfg.reward_source == "rm":
         return RewardModelSource.from_path(cfg.reward_model)
     if cfg.reward_source == "env":
-        return EnvRewardSource.from_run_dir(cfg.env_run_dir)
+        return EnvRewardSource.from_run_dir(cfg.env_run_dir, api_key=api_key)
     raise ConfigError(f"reward_source={cfg.reward_source!r} is unknown; expected one of {sorted(REWARD_COLUMNS)}")
