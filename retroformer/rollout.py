@@ -97,8 +97,12 @@ class OnlineReflectionScorer:
         self.actor = actor
         self.memory_size = memory_size
         self.tasks = {t.task_id: t for t in suite.tasks()}
-        self.records = records
         self.concurrency = concurrency
+        # Each task's reflections in trial order, indexed once: score() is called on every PPO iteration.
+        self._reflections: dict[str, list[tuple[int, str]]] = {}
+        for r in sorted(records, key=lambda r: r.trial):
+            if r.reflection is not None:
+                self._reflections.setdefault(r.task_id, []).append((r.trial, r.reflection.text))
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, api_key: str | None = None) -> OnlineReflectionScorer:
@@ -118,8 +122,7 @@ class OnlineReflectionScorer:
         return cls(suite, actor, cfg.memory_size, read_records(records_path(run_dir)), cfg.concurrency)
 
     def _earlier(self, task_id: str, trial: int) -> list[str]:
-        recs = sorted((r for r in self.records if r.task_id == task_id and r.trial < trial), key=lambda r: r.trial)
-        return [r.reflection.text for r in recs if r.reflection is not None]
+        return [text for t, text in self._reflections.get(task_id, []) if t < trial]
 
     async def score(self, rows: list[dict[str, Any]], reflections: list[str]) -> list[float]:
         if len(rows) != len(reflections):

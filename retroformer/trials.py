@@ -355,7 +355,7 @@ async def run_trials_async(
             if llm_owner is not None:
                 await llm_owner.aclose()
 
-    records = read_records(path)
+    records = existing + new_records  # everything on disk now: what was there plus what this run appended
     result = TrialsResult(out, records, len(new_records), time.perf_counter() - start, stop.is_set())
     from retroformer.report import summarize
 
