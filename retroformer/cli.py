@@ -45,8 +45,8 @@ def load_env_file() -> None:
     load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
 
 
-def api_key_for(env_var: str) -> str | None:
-    return os.environ.get(env_var) or None
+def api_key_for(env_var: str | None) -> str | None:
+    return (os.environ.get(env_var) or None) if env_var else None
 
 
 def actor_api_key(run_dir: str | None) -> str | None:
@@ -59,10 +59,14 @@ def actor_api_key(run_dir: str | None) -> str | None:
     path = config_path(run_dir)
     if not path.is_file():
         return None  # the reward source reports the missing run directory with its own message
+    from retroformer.llm import is_openai_url
+
     llm = (read_yaml(path).get("actor") or {}).get("llm") or {}
     if llm.get("backend") != "openai":
         return None
-    return api_key_for(str(llm.get("api_key_env") or "OPENAI_API_KEY"))
+    # As LLMConfig.key_env(): OpenAI's key goes to OpenAI's URL only, unless the config names a variable.
+    default = "OPENAI_API_KEY" if is_openai_url(llm.get("base_url")) else None
+    return api_key_for(llm.get("api_key_env") or default)
 
 
 def cmd_trials(argv: list[str]) -> int:
@@ -75,7 +79,7 @@ def cmd_trials(argv: list[str]) -> int:
     logger.info("config: %s", to_dict(cfg))
     # Each role gets the key named by its own api_key_env, so a key is never sent to another role's server.
     keys = {
-        role: api_key_for(section.llm.api_key_env) if section.llm.backend == "openai" else None
+        role: api_key_for(section.llm.key_env()) if section.llm.backend == "openai" else None
         for role, section in (("actor", cfg.actor), ("reflector", cfg.reflector))
     }
     result = run_trials(cfg, api_keys=keys)
@@ -88,6 +92,9 @@ def cmd_trials(argv: list[str]) -> int:
         print(f"rated reflections: {result.dataset_path}")
     if result.stopped_by_budget:
         print("stopped early: the token/cost budget was reached; finished episodes are kept")
+    if result.stopped_by_errors:
+        print(f"error: {result.stopped_by_errors}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -161,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     except RetroformerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished episodes and checkpoints are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     import difflib
 
     close = difflib.get_close_matches(name, names, n=1)

@@ -8,14 +8,20 @@ was not run, or errored, has no rating and no row.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from retroformer.records import effective_records
 from retroformer.types import ERRORED_END_REASONS, RATED_REFLECTION_COLUMNS, EpisodeRecord
 
 
 def rated_reflection_rows(records: list[EpisodeRecord]) -> list[dict[str, Any]]:
-    """One row per reflection whose next attempt finished; columns are ``RATED_REFLECTION_COLUMNS``."""
+    """One row per reflection whose next attempt finished; columns are ``RATED_REFLECTION_COLUMNS``.
+
+    Attempts replaced by a later line of the same (run, task, trial) are history and give no row.
+    """
+    records = effective_records(records)
     by_key = {(r.run_name, r.task_id, r.trial): r for r in records}
     rows = []
     for rec in sorted(records, key=lambda r: (r.run_name, r.task_id, r.trial)):
@@ -77,13 +83,22 @@ def rows_to_dataset(rows: list[dict[str, Any]]):
 
 
 def export_rated_reflections(records: list[EpisodeRecord], path: str | Path) -> Path:
-    """Save the rated reflections of ``records`` to ``path`` (replaced atomically: written beside, then renamed)."""
+    """Save the rated reflections of ``records`` to ``path``.
+
+    Written to a fresh temporary folder beside ``path``, then swapped in by renames, so that ``path`` always holds a
+    whole dataset (the old one or the new one) and two writers never share a temporary folder.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    rows_to_dataset(rated_reflection_rows(records)).save_to_disk(str(tmp))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = tmp.with_suffix(".old")
+    try:
+        rows_to_dataset(rated_reflection_rows(records)).save_to_disk(str(tmp / "data"))
+        if path.exists():
+            path.rename(old)
+        (tmp / "data").rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if path.exists():  # else the old dataset stays at `old` rather than being lost
+            shutil.rmtree(old, ignore_errors=True)
     return path

@@ -28,3 +28,7 @@ class LLMError(RetroformerError):
 
 class BudgetExceeded(RetroformerError):
     """A run reached its token or cost budget; finished episodes are kept."""
+
+
+class RunInUse(RetroformerError):
+    """Another process is running in the same run directory."""

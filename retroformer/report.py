@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retroformer.errors import DataError
+from retroformer.records import effective_records, read_task_ids
 from retroformer.types import ERRORED_END_REASONS, EpisodeRecord
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,13 @@ def summarize(records: list[EpisodeRecord], trials: int | None = None, num_tasks
     - ``cumulative[i]``: fraction of tasks solved at some trial <= i (a solved task stays solved; the paper's plots).
     - ``per_attempt[i]``: successes among the episodes run at trial i (errored episodes excluded).
     - ``mean_rating[i]``: mean ``G[i+1] - G[i]`` of the reflections written after trial i.
+
+    Attempts that a later line of the same (task, trial) replaced are history: counted only in ``replaced_attempts``.
     """
     from retroformer.dataset import rated_reflection_rows
 
+    all_lines = len(records)
+    records = effective_records(records)
     tasks = sorted({r.task_id for r in records})
     n_tasks = num_tasks if num_tasks is not None else len(tasks)
     n_trials = trials if trials is not None else (max((r.trial for r in records), default=-1) + 1)
@@ -67,6 +72,7 @@ def summarize(records: list[EpisodeRecord], trials: int | None = None, num_tasks
         "num_rated_reflections": len(all_ratings),
         "positive_ratings": sum(1 for x in all_ratings if x > 0),
         "errored_episodes": sum(1 for r in records if r.errored),
+        "replaced_attempts": all_lines - len(records),
         "invalid_actions": sum(r.num_invalid_actions for r in records),
         "end_reasons": dict(end_reasons),
         "solved_tasks": len(first_success),
@@ -115,7 +121,9 @@ def load_run(run: str | Path) -> tuple[str, dict[str, Any]]:
     records = read_records(records_path(run))
     if not records:
         raise DataError(f"{records_path(run)} holds no episodes yet; run the trials first")
-    num_tasks = len({r.task_id for r in records})
+    # The run's own task list, so tasks a stopped run never reached count as unsolved (older runs: tasks with records).
+    task_ids = read_task_ids(run)
+    num_tasks = len(task_ids) if task_ids is not None else len({r.task_id for r in records})
     return run.name, summarize(records, trials, num_tasks=num_tasks)
 
 

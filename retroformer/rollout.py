@@ -6,7 +6,9 @@ Every way an episode can end is named in :data:`retroformer.types.END_REASONS`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 from retroformer.agents.actor import FORMAT_ERROR, ActContext, Actor
 from retroformer.agents.memory import memory_window
 from retroformer.envs.base import EnvPrompts, EnvSuite, Outcome, Task, TextEnv
-from retroformer.errors import DataError, EnvError, LLMError
+from retroformer.errors import BudgetExceeded, DataError, EnvError, LLMError
 from retroformer.types import ERRORED_END_REASONS, Step, Usage
 
 logger = logging.getLogger(__name__)
@@ -37,16 +39,37 @@ def prompts_for(suite: EnvSuite, task: Task) -> EnvPrompts:
     return fn(task) if callable(fn) else suite.prompts
 
 
+#: What an environment may raise when it fails (a server that stayed down, a broken pipe); anything else is a bug.
+ENV_FAILURES = (EnvError, OSError)
+
+
+async def _in_thread(executor: Executor | None, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
+
+
 async def run_episode(
-    suite: EnvSuite, env: TextEnv, actor: Actor, task: Task, memory: list[str], max_steps: int | None = None
+    suite: EnvSuite,
+    env: TextEnv,
+    actor: Actor,
+    task: Task,
+    memory: list[str],
+    max_steps: int | None = None,
+    executor: Executor | None = None,
 ) -> EpisodeResult:
     """Run ``actor`` on ``task`` until the env says done or the step budget runs out.
 
-    Environment calls run in a worker thread so that slow environments (HTTP, planners) do not block other
-    episodes. An LLM failure after its retries ends the episode as ``llm_error`` (errored: no success, no rating).
+    Environment calls run in worker threads of ``executor`` (None: asyncio's default pool, which holds only
+    ``min(32, cpus + 4)`` threads) so that slow environments (HTTP, planners) do not block other episodes. An LLM
+    failure after its retries ends the episode as ``llm_error``, an environment failure in ``reset``, ``step`` or
+    ``outcome`` as ``env_error``, a spent budget as ``budget`` (all errored: no success, no rating; a rerun
+    re-attempts them).
     """
     prompts = prompts_for(suite, task)
-    description = await asyncio.to_thread(env.reset, task)
+    try:
+        description = await _in_thread(executor, env.reset, task)
+    except ENV_FAILURES as exc:
+        logger.warning("task %s: environment reset failed: %s", task.task_id, exc)
+        return EpisodeResult("", [], Outcome(0.0, False), "env_error", error=f"reset: {exc}")
     ctx = ActContext(task=task, description=description, memory=list(memory), prompts=prompts)
     usage = Usage()
     invalid = 0
@@ -57,14 +80,16 @@ async def run_episode(
         except LLMError as exc:
             logger.warning("task %s: actor LLM failed: %s", task.task_id, exc)
             return EpisodeResult(description, ctx.steps, Outcome(0.0, False), "llm_error", invalid, usage, str(exc))
+        except BudgetExceeded as exc:
+            return EpisodeResult(description, ctx.steps, Outcome(0.0, False), "budget", invalid, usage, str(exc))
         usage.add(step_usage)
         if action is None:
             invalid += 1
             ctx.steps.append(Step(thought=thought, action="", observation=FORMAT_ERROR, valid=False))
             continue
         try:
-            result = await asyncio.to_thread(env.step, action)
-        except EnvError as exc:
+            result = await _in_thread(executor, env.step, action)
+        except ENV_FAILURES as exc:
             logger.warning("task %s: environment failed: %s", task.task_id, exc)
             ctx.steps.append(Step(thought, action, f"[environment error: {exc}]", 0.0, False))
             return EpisodeResult(description, ctx.steps, Outcome(0.0, False), "env_error", invalid, usage, str(exc))
@@ -76,12 +101,37 @@ async def run_episode(
             break
     else:
         end_reason = "step_limit"
-    outcome = await asyncio.to_thread(env.outcome)
+    try:
+        outcome = await _in_thread(executor, env.outcome)
+    except ENV_FAILURES as exc:
+        logger.warning("task %s: environment outcome failed: %s", task.task_id, exc)
+        return EpisodeResult(
+            description, ctx.steps, Outcome(0.0, False), "env_error", invalid, usage, f"outcome: {exc}"
+        )
     if outcome.success:
         end_reason = "success"
     elif end_reason is None:
         end_reason = "done"
     return EpisodeResult(description, ctx.steps, outcome, end_reason, invalid, usage)
+
+
+async def run_new_episode(
+    suite: EnvSuite, actor: Actor, task: Task, memory: list[str], executor: Executor | None = None
+) -> EpisodeResult:
+    """:func:`run_episode` in a new environment from ``suite.make()``, closed afterwards; an environment that cannot
+    be made ends the episode as ``env_error``, one that fails to close is logged."""
+    try:
+        env = await _in_thread(executor, suite.make)
+    except ENV_FAILURES as exc:
+        logger.warning("task %s: making the environment failed: %s", task.task_id, exc)
+        return EpisodeResult("", [], Outcome(0.0, False), "env_error", error=f"make: {exc}")
+    try:
+        return await run_episode(suite, env, actor, task, memory, executor=executor)
+    finally:
+        try:
+            await _in_thread(executor, env.close)
+        except ENV_FAILURES as exc:
+            logger.warning("task %s: closing the environment failed: %s", task.task_id, exc)
 
 
 class OnlineReflectionScorer:
@@ -135,11 +185,7 @@ class OnlineReflectionScorer:
                 raise DataError(f"task {row['task_id']!r} is not in the run's task list; was the run changed?")
             memory = memory_window([*self._earlier(task.task_id, int(row["trial"])), reflection], self.memory_size)
             async with sem:
-                env = await asyncio.to_thread(self.suite.make)
-                try:
-                    result = await run_episode(self.suite, env, self.actor, task, memory)
-                finally:
-                    await asyncio.to_thread(env.close)
+                result = await run_new_episode(self.suite, self.actor, task, memory)
             if result.end_reason in ERRORED_END_REASONS:
                 return 0.0  # an errored attempt carries no signal about the reflection
             return result.outcome.return_ - float(row["return_before"])

@@ -13,9 +13,11 @@ reflections are exported as a Hugging Face dataset (``datasets/rated_reflections
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,12 +26,23 @@ from typing import Literal
 from retroformer.agents.actor import Actor, ReActActor
 from retroformer.agents.memory import memory_window
 from retroformer.agents.reflector import Reflector
-from retroformer.config import doc, save_config
-from retroformer.envs.base import EnvSuite, Task, make_suite
-from retroformer.errors import BudgetExceeded, ConfigError, DataError, LLMError
+from retroformer.config import doc, read_yaml, save_config, to_dict
+from retroformer.dataset import export_rated_reflections
+from retroformer.envs.base import EnvSuite, Outcome, Task, make_suite
+from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError
 from retroformer.llm import LLMConfig, build_llm
-from retroformer.records import RecordWriter, config_path, dataset_path, read_records, records_path
-from retroformer.rollout import prompts_for, run_episode
+from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, MeteredLLM, Price, is_local_model, price_for
+from retroformer.records import (
+    RecordWriter,
+    RunLock,
+    config_path,
+    dataset_path,
+    read_records,
+    records_path,
+    write_task_ids,
+)
+from retroformer.report import summarize
+from retroformer.rollout import prompts_for, run_new_episode
 from retroformer.types import ERRORED_END_REASONS, EpisodeRecord, Reflection, Usage
 
 logger = logging.getLogger(__name__)
@@ -70,8 +83,38 @@ class ReflectorSection:
 
 @dataclass
 class BudgetSection:
-    max_tokens: int | None = doc("stop cleanly once this many tokens (all roles) were used; None: no limit", None)
-    max_usd: float | None = doc("stop cleanly once this estimated cost in USD is reached; None: no limit", None)
+    max_tokens: int | None = doc(
+        "stop cleanly once this many tokens (all roles) were used, checked before each call; None: no limit", None
+    )
+    max_usd: float | None = doc(
+        "stop cleanly once this estimated cost in USD is reached, checked before each call; None: no limit. Every "
+        "remote model needs a price (built-in examples or `prices`)",
+        None,
+    )
+    prices: dict = doc(
+        "USD per million tokens by model name, added to (and overriding) the built-in example table, e.g. "
+        "{my-model: {prompt_per_m: 0.5, completion_per_m: 1.5}}; dated snapshots (name-2024-07-18) match their name",
+        default_factory=dict,
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"budget.max_tokens must be >= 1 or null, got {self.max_tokens}")
+        if self.max_usd is not None and self.max_usd <= 0:
+            raise ConfigError(f"budget.max_usd must be > 0 or null, got {self.max_usd}")
+        for name, price in self.prices.items():
+            ok = isinstance(price, dict) and set(price) == {"prompt_per_m", "completion_per_m"}
+            if not ok or any(not isinstance(v, (int, float)) or v < 0 for v in price.values()):
+                raise ConfigError(
+                    f"budget.prices.{name} must be {{prompt_per_m: <USD >= 0>, completion_per_m: <USD >= 0>}}, "
+                    f"got {price!r}"
+                )
+
+    def price_table(self) -> dict[str, Price]:
+        return {
+            **DEFAULT_PRICES,
+            **{k: Price(float(v["prompt_per_m"]), float(v["completion_per_m"])) for k, v in self.prices.items()},
+        }
 
 
 @dataclass
@@ -84,6 +127,11 @@ class TrialsConfig:
     trials: int = doc("attempts per task (paper: HotPotQA 5, ALFWorld 10-15, WebShop 4)", 3)
     memory_size: int = doc("last m reflections in the actor's prompt (paper: 3)", 3)
     concurrency: int = doc("episodes of different tasks in flight at once", 8)
+    max_consecutive_errors: int = doc(
+        "stop the run (exit code 3) after this many failed attempts in a row, e.g. an API outage, instead of "
+        "erroring every task; a rerun resumes and re-attempts them. 0: never stop",
+        10,
+    )
     stop_on_success: bool = doc("stop a task's trials once it succeeds (Reflexion protocol)", True)
     cache_dir: str | None = doc("on-disk response cache for deterministic LLM calls; None disables it", None)
     export_dataset: bool = doc("export the rated-reflection dataset when the run ends", True)
@@ -99,6 +147,8 @@ class TrialsConfig:
             raise ConfigError(f"memory_size must be >= 0, got {self.memory_size}")
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.max_consecutive_errors < 0:
+            raise ConfigError(f"max_consecutive_errors must be >= 0 (0: never stop), got {self.max_consecutive_errors}")
         if self.actor.kind == "plan" and self.env.name != "synthetic":
             raise ConfigError(
                 f"actor.kind=plan works only with env.name=synthetic (got {self.env.name!r}); use actor.kind=react"
@@ -151,12 +201,18 @@ def _wrap_cache(llm, cfg: TrialsConfig):
     return CachedLLM(llm, cfg.cache_dir)
 
 
-def build_actor(cfg: TrialsConfig, suite: EnvSuite, api_key: str | None = None) -> Actor:
+def _meter(llm, role: str, ledger):
+    """Count each call's usage in ``ledger`` and check its budget before each call (None: no metering)."""
+    return llm if ledger is None else MeteredLLM(llm, role, ledger.add, ledger.check)
+
+
+def build_actor(cfg: TrialsConfig, suite: EnvSuite, api_key: str | None = None, meter=None) -> Actor:
+    """The configured actor; with ``meter`` (a ledger with ``add`` and ``check``) its calls are counted and budgeted."""
     if cfg.actor.kind == "plan":
         from retroformer.envs.synthetic import PlanFollowingActor
 
         return PlanFollowingActor()
-    llm = _wrap_cache(build_llm(cfg.actor.llm, api_key=api_key), cfg)
+    llm = _meter(_wrap_cache(build_llm(cfg.actor.llm, api_key=api_key), cfg), "actor", meter)
     return ReActActor(
         llm,
         suite.prompts,
@@ -166,10 +222,10 @@ def build_actor(cfg: TrialsConfig, suite: EnvSuite, api_key: str | None = None) 
     )
 
 
-def build_reflector(cfg: TrialsConfig, api_key: str | None = None) -> Reflector | None:
+def build_reflector(cfg: TrialsConfig, api_key: str | None = None, meter=None) -> Reflector | None:
     if cfg.reflector.kind == "none":
         return None
-    llm = _wrap_cache(build_llm(cfg.reflector.llm, api_key=api_key), cfg)
+    llm = _meter(_wrap_cache(build_llm(cfg.reflector.llm, api_key=api_key), cfg), "reflector", meter)
     return Reflector(llm, cfg.reflector.llm.sampling(), max_chars=cfg.reflector.max_chars)
 
 
@@ -182,24 +238,95 @@ class TrialsResult:
     stopped_by_budget: bool = False
     dataset_path: Path | None = None
     summary: dict = field(default_factory=dict)
+    #: Why the run stopped before its end because calls kept failing (the circuit breaker), None if it did not.
+    stopped_by_errors: str | None = None
 
 
-def _check_resume(existing: list[EpisodeRecord], fingerprint: str, path: Path) -> dict[str, list[EpisodeRecord]]:
-    by_task: dict[str, list[EpisodeRecord]] = defaultdict(list)
-    seen: set[tuple[str, int]] = set()
+#: Fields that change what a record means; a resumed run must match the first run on each of them. A server's URL may
+#: change (a restart on another port); the model name and ``revision`` say which model it serves.
+_LLM_IDENTITY = (
+    "backend",
+    "model",
+    "adapter",
+    "revision",
+    "style",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "max_prompt_tokens",
+    "scripted_policy",
+    "scripted_options",
+    "scripted_replies",
+)
+RESUME_FIXED = (
+    "run_name",
+    "seed",
+    "memory_size",
+    "stop_on_success",
+    "env.name",
+    "env.max_tasks",
+    "actor.kind",
+    "actor.max_observation_chars",
+    "actor.max_prompt_chars",
+    *(f"actor.llm.{k}" for k in _LLM_IDENTITY),
+    "reflector.kind",
+    "reflector.max_chars",
+    *(f"reflector.llm.{k}" for k in _LLM_IDENTITY),
+)
+
+
+def _dotted(data: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def check_resume_config(cfg: TrialsConfig, path: Path) -> None:
+    """Refuse to resume the run whose config is at ``path`` with a config that changes what its records mean.
+
+    ``trials`` may change (a run can be extended), and so may what only affects speed or limits (concurrency, retries,
+    timeouts, budget, cache). The task list is checked separately, by fingerprint.
+    """
+    if not path.is_file():
+        return
+    old = read_yaml(path)
+    new = to_dict(cfg)
+    changed = [k for k in RESUME_FIXED if _dotted(old, k) != _dotted(new, k)]
+    if changed:
+        details = "; ".join(f"{k}: {_dotted(old, k)!r} -> {_dotted(new, k)!r}" for k in changed)
+        raise ConfigError(
+            f"{run_dir(cfg)} was started with another config ({details}); these fields change what a record "
+            "means, so a run cannot be resumed with new values. Restore them, or give the new config another run_name"
+        )
+
+
+def _check_resume(
+    existing: list[EpisodeRecord], fingerprint: str, run_name: str, path: Path
+) -> dict[str, dict[int, EpisodeRecord]]:
+    """Each task's current record per trial: the last line of each (task, trial); earlier lines are history.
+
+    A (task, trial) may have several lines only when each earlier one was replaced for a reason: its episode errored,
+    its reflection failed, or it lacked the reflection a later trial needs.
+    """
+    by_task: dict[str, dict[int, EpisodeRecord]] = defaultdict(dict)
     for rec in existing:
         if rec.task_fingerprint != fingerprint:
             raise DataError(
                 f"{path} holds episodes of another task list (fingerprint {rec.task_fingerprint}, this run "
                 f"{fingerprint}); use a new run_name or restore the original environment options"
             )
-        key = (rec.task_id, rec.trial)
-        if key in seen:
+        if rec.run_name != run_name:
+            raise DataError(
+                f"{path} holds episodes of run {rec.run_name!r}, not {run_name!r} (was the directory renamed?); "
+                f"ratings pair episodes by run name: run it as run_name={rec.run_name!r}"
+            )
+        prev = by_task[rec.task_id].get(rec.trial)
+        if prev is not None and not (prev.errored or (not prev.success and prev.reflection is None)):
             raise DataError(f"{path} records task {rec.task_id!r} trial {rec.trial} twice; remove the duplicate line")
-        seen.add(key)
-        by_task[rec.task_id].append(rec)
-    for recs in by_task.values():
-        recs.sort(key=lambda r: r.trial)
+        by_task[rec.task_id][rec.trial] = rec
     return by_task
 
 
@@ -207,17 +334,18 @@ class _Ledger:
     """Token accounting per (role, model) with an optional budget; uses retroformer.llm.cost where available."""
 
     def __init__(self, budget: BudgetSection) -> None:
-        from retroformer.llm.cost import CostLedger
-
-        self.ledger = CostLedger()
+        self.ledger = CostLedger(prices=budget.price_table())
         self.budget = budget
 
     def add(self, role: str, model_id: str, usage: Usage) -> None:
         self.ledger.add(role, model_id, usage)
 
+    def check(self) -> None:
+        self.ledger.check(self.budget.max_tokens, self.budget.max_usd)
+
     def exceeded(self) -> bool:
         try:
-            self.ledger.check(self.budget.max_tokens, self.budget.max_usd)
+            self.check()
         except BudgetExceeded as exc:
             logger.warning("%s", exc)
             return True
@@ -225,6 +353,35 @@ class _Ledger:
 
     def summary(self) -> dict:
         return self.ledger.summary()
+
+
+class _Breaker:
+    """Stops the run after ``limit`` failed attempts in a row (an outage), instead of erroring every task."""
+
+    def __init__(self, limit: int, stop: asyncio.Event) -> None:
+        self.limit = limit
+        self.stop = stop
+        self.failures = 0
+        self.message: str | None = None
+
+    def observe(self, record: EpisodeRecord) -> None:
+        failed = record.end_reason in ("llm_error", "env_error") or (record.error or "").startswith("reflector:")
+        if not failed:
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.limit and self.failures >= self.limit and self.message is None:
+            self.message = (
+                f"{self.failures} attempts in a row failed (last: task {record.task_id} trial {record.trial}: "
+                f"{record.error}); the run stopped to spare the other tasks. Fix the cause (is the server up, the "
+                "quota left?), then run the same command again: it resumes and re-attempts the failed episodes"
+            )
+            logger.error("%s", self.message)
+            self.stop.set()
+
+
+def _needs_run(rec: EpisodeRecord | None) -> bool:
+    return rec is None or rec.end_reason in ERRORED_END_REASONS
 
 
 async def run_trials_async(
@@ -238,6 +395,10 @@ async def run_trials_async(
 
     ``api_keys`` maps a role (``actor``, ``reflector``) to the key of its OpenAI-compatible server; each role gets only
     its own key. ``actor``/``reflector`` override the configured ones (tests, custom agents).
+
+    Resuming runs, for each task, every trial that has no record or whose record errored (the errored line stays as
+    history), and writes a reflection that a later trial needs but that is missing (reflector failure, or ``trials``
+    raised). Only one run at a time may use a run directory (:class:`~retroformer.records.RunLock`).
     """
     api_keys = api_keys or {}
     check_model_paths(
@@ -245,26 +406,96 @@ async def run_trials_async(
     )
     start = time.perf_counter()
     out = run_dir(cfg)
-    suite = build_suite(cfg)
-    tasks = select_tasks(cfg, suite)
-    fingerprint = suite.fingerprint(tasks)
-    save_config(cfg, config_path(out))
+    with RunLock(out):
+        return await _run_locked(cfg, api_keys, actor, reflector, progress, out, start)
+
+
+async def _run_locked(cfg, api_keys, actor, reflector, progress, out: Path, start: float) -> TrialsResult:
+    check_resume_config(cfg, config_path(out))
     path = records_path(out)
     existing = read_records(path)
-    by_task = _check_resume(existing, fingerprint, path)
-    actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_keys.get("actor"))
-    refl = build_reflector(cfg, api_key=api_keys.get("reflector")) if reflector == "auto" else reflector
+    suite = build_suite(cfg)
+    executor = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="trials")
+    try:
+        tasks = select_tasks(cfg, suite)
+        fingerprint = suite.fingerprint(tasks)
+        by_task = _check_resume(existing, fingerprint, cfg.run_name, path)
+        save_config(cfg, config_path(out))
+        write_task_ids(out, [t.task_id for t in tasks])
+        ledger = _Ledger(cfg.budget)
+        for rec in existing:
+            ledger.add("actor", rec.actor_id, rec.actor_usage)
+            if rec.reflection is not None:
+                ledger.add("reflector", rec.reflection.reflector_id, rec.reflection.usage)
+        # Our own agents count usage per call and check the budget before each call; given ones count per episode.
+        metered = (actor is None, reflector == "auto")
+        actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_keys.get("actor"), meter=ledger)
+        refl = (
+            build_reflector(cfg, api_key=api_keys.get("reflector"), meter=ledger) if reflector == "auto" else reflector
+        )
+        check_prices(cfg, actor, refl)
+        return await _loop(
+            cfg,
+            suite,
+            tasks,
+            fingerprint,
+            by_task,
+            existing,
+            actor,
+            refl,
+            metered,
+            ledger,
+            progress,
+            out,
+            start,
+            path,
+            executor,
+        )
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        suite.close()
+
+
+async def _loop(
+    cfg,
+    suite,
+    tasks,
+    fingerprint,
+    by_task,
+    existing,
+    actor,
+    refl,
+    metered,
+    ledger,
+    progress,
+    out,
+    start,
+    path,
+    executor,
+) -> TrialsResult:
     reflector_id = refl.reflector_id if refl is not None else "none"
-    ledger = _Ledger(cfg.budget)
-    for rec in existing:
-        ledger.add("actor", rec.actor_id, rec.actor_usage)
-        if rec.reflection is not None:
-            ledger.add("reflector", rec.reflection.reflector_id, rec.reflection.usage)
     stop = asyncio.Event()
+    breaker = _Breaker(cfg.max_consecutive_errors, stop)
     if ledger.exceeded():
         stop.set()
+    loop = asyncio.get_running_loop()
 
-    todo = sum(_remaining(cfg, by_task.get(t.task_id, [])) for t in tasks)
+    def needs_reflection(done: dict[int, EpisodeRecord], rec: EpisodeRecord) -> bool:
+        nxt = done.get(rec.trial + 1)
+        return (
+            refl is not None
+            and not rec.success
+            and rec.reflection is None
+            and rec.trial + 1 < cfg.trials
+            and (nxt is None or nxt.end_reason in ERRORED_END_REASONS)
+        )
+
+    todo = 0
+    for t in tasks:
+        done = by_task.get(t.task_id, {})
+        if any(r.success for r in done.values()) and cfg.stop_on_success:
+            continue
+        todo += sum(1 for i in range(cfg.trials) if _needs_run(done.get(i)))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -274,75 +505,117 @@ async def run_trials_async(
     new_records: list[EpisodeRecord] = []
     writer = RecordWriter(path)
 
+    async def reflect(
+        task: Task, prompts, description, steps, outcome, reflections
+    ) -> tuple[Reflection | None, str | None]:
+        # The episode itself is valid either way; without its reflection the task waits for a rerun, which writes it.
+        try:
+            return await refl.reflect(prompts, description, steps, outcome, reflections), None
+        except LLMError as exc:
+            logger.warning("task %s: reflector failed: %s", task.task_id, exc)
+            return None, f"reflector: {exc}"
+        except BudgetExceeded as exc:
+            return None, f"reflection not written: {exc}"
+
+    async def save(record: EpisodeRecord) -> None:
+        # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
+        new_records.append(record)
+        if not metered[0]:
+            ledger.add("actor", actor.actor_id, record.actor_usage)
+        if not metered[1] and record.reflection is not None:
+            ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
+        breaker.observe(record)
+        if ledger.exceeded():
+            stop.set()
+        # fsync takes milliseconds: off the event loop, so that other episodes keep running meanwhile.
+        await loop.run_in_executor(executor, writer.append, record)
+
+    async def attempt(task: Task, trial: int, reflections: list[str]) -> EpisodeRecord | None:
+        memory = memory_window(reflections, cfg.memory_size)
+        async with sem:
+            if stop.is_set():
+                return None
+            t0 = time.perf_counter()
+            result = await run_new_episode(suite, actor, task, memory, executor=executor)
+            reflection: Reflection | None = None
+            error = result.error
+            if refl is not None and result.end_reason not in ERRORED_END_REASONS and not result.outcome.success:
+                if trial + 1 < cfg.trials:
+                    reflection, error = await reflect(
+                        task, prompts_for(suite, task), result.description, result.steps, result.outcome, reflections
+                    )
+        record = EpisodeRecord(
+            run_name=cfg.run_name,
+            task_id=task.task_id,
+            trial=trial,
+            env_name=cfg.env.name,
+            env_version=suite.version,
+            seed=cfg.seed,
+            actor_id=actor.actor_id,
+            reflector_id=reflector_id,
+            actor_prompt_hash=actor.prompt_hash,
+            memory=memory,
+            steps=result.steps,
+            return_=result.outcome.return_,
+            success=result.outcome.success,
+            end_reason=result.end_reason,
+            metrics=dict(result.outcome.metrics),
+            num_invalid_actions=result.num_invalid_actions,
+            reflection=reflection,
+            actor_usage=result.usage,
+            error=error,
+            task_fingerprint=fingerprint,
+            wall_time_s=round(time.perf_counter() - t0, 4),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        await save(record)
+        if bar is not None:
+            bar.update(1)
+        return record
+
+    async def add_reflection(task: Task, rec: EpisodeRecord, reflections: list[str]) -> EpisodeRecord | None:
+        """Write the reflection ``rec`` lacks, as a line that replaces it (its actor tokens were counted already)."""
+        async with sem:
+            if stop.is_set():
+                return None
+            t0 = time.perf_counter()
+            try:
+                description = await loop.run_in_executor(executor, _description_of, suite, task)
+            except (EnvError, OSError) as exc:
+                reflection, error = None, f"reflector: the environment failed to give the task description: {exc}"
+            else:
+                outcome = Outcome(rec.return_, rec.success, dict(rec.metrics))
+                prompts = prompts_for(suite, task)
+                reflection, error = await reflect(task, prompts, description, rec.steps, outcome, reflections)
+        record = dataclasses.replace(
+            rec,
+            reflection=reflection,
+            reflector_id=reflector_id,
+            error=None if reflection is not None else error,
+            actor_usage=Usage(),
+            wall_time_s=round(time.perf_counter() - t0, 4),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        await save(record)
+        return record
+
     async def run_task(task: Task) -> None:
-        done = by_task.get(task.task_id, [])
-        reflections = [r.reflection.text for r in done if r.reflection is not None]
-        trial = len(done)
-        if done and (done[-1].errored or (cfg.stop_on_success and done[-1].success)):
-            return
-        prompts = prompts_for(suite, task)
-        while trial < cfg.trials and not stop.is_set():
-            memory = memory_window(reflections, cfg.memory_size)
-            async with sem:
-                if stop.is_set():
-                    return
-                t0 = time.perf_counter()
-                env = await asyncio.to_thread(suite.make)
-                try:
-                    result = await run_episode(suite, env, actor, task, memory)
-                finally:
-                    await asyncio.to_thread(env.close)
-                reflection: Reflection | None = None
-                error = result.error
-                end_reason = result.end_reason
-                if refl is not None and end_reason not in ERRORED_END_REASONS and not result.outcome.success:
-                    if trial + 1 < cfg.trials:
-                        try:
-                            reflection = await refl.reflect(
-                                prompts, result.description, result.steps, result.outcome, reflections
-                            )
-                        except LLMError as exc:
-                            # The episode itself is valid; the task stops here because no reflection exists.
-                            logger.warning("task %s trial %d: reflector failed: %s", task.task_id, trial, exc)
-                            error = f"reflector: {exc}"
-            record = EpisodeRecord(
-                run_name=cfg.run_name,
-                task_id=task.task_id,
-                trial=trial,
-                env_name=cfg.env.name,
-                env_version=suite.version,
-                seed=cfg.seed,
-                actor_id=actor.actor_id,
-                reflector_id=reflector_id,
-                actor_prompt_hash=actor.prompt_hash,
-                memory=memory,
-                steps=result.steps,
-                return_=result.outcome.return_,
-                success=result.outcome.success,
-                end_reason=end_reason,
-                metrics=dict(result.outcome.metrics),
-                num_invalid_actions=result.num_invalid_actions,
-                reflection=reflection,
-                actor_usage=result.usage,
-                error=error,
-                task_fingerprint=fingerprint,
-                wall_time_s=round(time.perf_counter() - t0, 4),
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            )
-            # fsync takes milliseconds: off the event loop, so that other episodes keep running meanwhile.
-            await asyncio.to_thread(writer.append, record)
-            new_records.append(record)
-            ledger.add("actor", actor.actor_id, result.usage)
-            if reflection is not None:
-                ledger.add("reflector", reflection.reflector_id, reflection.usage)
-                reflections.append(reflection.text)
-            if bar is not None:
-                bar.update(1)
-            if ledger.exceeded():
-                stop.set()
-            if record.errored or (cfg.stop_on_success and record.success):
+        done = by_task.get(task.task_id, {})
+        reflections: list[str] = []
+        for trial in range(cfg.trials):
+            if stop.is_set():
                 return
-            trial += 1
+            rec = done.get(trial)
+            if _needs_run(rec):
+                rec = await attempt(task, trial, reflections)
+            elif needs_reflection(done, rec):
+                rec = await add_reflection(task, rec, reflections)
+            if rec is None or rec.errored:
+                return  # stopped, or failed: a rerun re-attempts it
+            if rec.reflection is not None:
+                reflections.append(rec.reflection.text)
+            if cfg.stop_on_success and rec.success:
+                return
 
     try:
         await asyncio.gather(*(run_task(t) for t in tasks))
@@ -350,29 +623,48 @@ async def run_trials_async(
         writer.close()
         if bar is not None:
             bar.close()
-        suite.close()
         for llm_owner in (getattr(actor, "llm", None), getattr(refl, "llm", None)):
             if llm_owner is not None:
                 await llm_owner.aclose()
 
     records = existing + new_records  # everything on disk now: what was there plus what this run appended
-    result = TrialsResult(out, records, len(new_records), time.perf_counter() - start, stop.is_set())
-    from retroformer.report import summarize
-
+    stopped_by_budget = stop.is_set() and breaker.message is None
+    result = TrialsResult(out, records, len(new_records), time.perf_counter() - start, stopped_by_budget)
+    result.stopped_by_errors = breaker.message
     result.summary = summarize(records, cfg.trials, num_tasks=len(tasks))
     result.summary["cost"] = ledger.summary()
-    result.summary["stopped_by_budget"] = stop.is_set()
+    result.summary["stopped_by_budget"] = stopped_by_budget
+    result.summary["stopped_by_errors"] = breaker.message
     if cfg.export_dataset:
-        from retroformer.dataset import export_rated_reflections
-
         result.dataset_path = export_rated_reflections(records, dataset_path(out))
     return result
 
 
-def _remaining(cfg: TrialsConfig, done: list[EpisodeRecord]) -> int:
-    if done and (done[-1].errored or (cfg.stop_on_success and done[-1].success)):
-        return 0
-    return max(cfg.trials - len(done), 0)
+def _description_of(suite: EnvSuite, task: Task) -> str:
+    """The task description an episode started from (reset of a fresh env), for a reflection written later."""
+    env = suite.make()
+    try:
+        return env.reset(task)
+    finally:
+        env.close()
+
+
+def check_prices(cfg: TrialsConfig, actor: Actor, refl: Reflector | None) -> None:
+    """With ``budget.max_usd`` set, every remote model must have a price, or the budget could never stop the run."""
+    if cfg.budget.max_usd is None:
+        return
+    prices = cfg.budget.price_table()
+    for role, llm in (("actor", getattr(actor, "llm", None)), ("reflector", getattr(refl, "llm", None))):
+        if llm is None:
+            continue
+        model_id = llm.model_id
+        if not is_local_model(model_id) and price_for(model_id, prices) is None:
+            raise ConfigError(
+                f"budget.max_usd is set but the {role} model {model_id!r} has no price, so its cost would count as $0 "
+                f"and the budget would never stop the run; add it to budget.prices "
+                f"(e.g. {{{model_id.split('@')[0]}: {{prompt_per_m: 0.15, completion_per_m: 0.6}}}}) or use "
+                "budget.max_tokens"
+            )
 
 
 def run_trials(cfg: TrialsConfig, **kwargs) -> TrialsResult:

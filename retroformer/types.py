@@ -20,9 +20,10 @@ SCHEMA_VERSION = 1
 #: episode without success (e.g. a wrong final answer). ``step_limit``: the step budget ran out. ``repeat``: the actor
 #: repeated the same action too often (ALFWorld protocol). ``llm_error``: an LLM call failed after its retries; such an
 #: episode is *errored*, neither success nor failure, and produces no rating. ``env_error``: the environment failed
-#: (e.g. a server that stayed down after retries); also errored.
-END_REASONS = ("success", "done", "step_limit", "repeat", "llm_error", "env_error")
-ERRORED_END_REASONS = ("llm_error", "env_error")
+#: (e.g. a server that stayed down after retries); also errored. ``budget``: the run's token or cost budget ran out
+#: during the episode; errored. A resumed run re-attempts errored episodes (the errored record stays as history).
+END_REASONS = ("success", "done", "step_limit", "repeat", "llm_error", "env_error", "budget")
+ERRORED_END_REASONS = ("llm_error", "env_error", "budget")
 
 
 @dataclass

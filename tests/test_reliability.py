@@ -24,7 +24,8 @@ import pytest
 from helpers_training import load_script, write_rated_dataset
 
 from retroformer.config import from_dict
-from retroformer.records import read_records
+from retroformer.dataset import rated_reflection_rows
+from retroformer.records import effective_records, read_records
 from retroformer.testing import FakeOpenAIServer, Fault
 from retroformer.testing.vault_policy import vault_reply
 from retroformer.trials import TrialsConfig, records_path, run_trials
@@ -111,10 +112,15 @@ def test_a_fault_past_the_retry_budget_errors_one_episode_and_the_run_goes_on(tm
     assert res.summary["cumulative_success"][1] == 0.75
     for task in others:
         assert [(r.trial, r.success) for r in res.records if r.task_id == task] == [(0, False), (1, True)]
-    # a rerun does not retry the errored task (its last record is errored) and runs nothing else
+    # a rerun re-attempts the errored episode (the errored line stays as history) and finishes that task
     with FakeOpenAIServer(reply=vault_reply) as url2:
         again = run_trials(server_cfg(tmp_path, url2, llm={"max_retries": 1}), progress=False)
-    assert again.new_episodes == 0
+    assert again.new_episodes == 2
+    current = effective_records(again.records)
+    assert [(r.trial, r.success) for r in current if r.task_id == first] == [(0, False), (1, True)]
+    assert again.summary["errored_episodes"] == 0 and again.summary["replaced_attempts"] == 1
+    assert again.summary["cumulative_success"] == [0.0, 1.0, 1.0]
+    assert len(rated_reflection_rows(again.records)) == 4  # one per task: the errored attempt gives no row
 
 
 def test_a_reflector_fault_past_the_retry_budget_keeps_the_episode_and_stops_only_that_task(tmp_path):
@@ -182,9 +188,12 @@ def test_budget_stops_cleanly_then_a_larger_budget_resumes_without_duplicates(tm
 
         big = run_trials(server_cfg(tmp_path, url, concurrency=2, **{"budget.max_tokens": 100_000}), progress=False)
     assert not big.stopped_by_budget
-    keys = [(r.task_id, r.trial) for r in big.records]
+    # an episode the budget cut short is errored ("budget"): kept as history, re-attempted by the resumed run
+    cut = [r for r in recs if r.end_reason == "budget"]
+    keys = [(r.task_id, r.trial) for r in effective_records(big.records)]
     assert len(keys) == len(set(keys)) == 8
-    assert big.new_episodes == 8 - len(recs)
+    assert big.new_episodes == 8 - len(recs) + len(cut)
+    assert big.summary["errored_episodes"] == 0 and big.summary["replaced_attempts"] == len(cut)
     assert big.summary["cumulative_success"] == [0.0, 1.0, 1.0]
     lines = records_path(big.run_dir).read_text().splitlines()
     assert [json.loads(x) for x in lines[: len(recs)]] == [json.loads(r.to_json()) for r in recs]

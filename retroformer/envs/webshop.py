@@ -537,18 +537,21 @@ class WebShopSuite(EnvSuite):
 
     def tasks(self) -> list[Task]:
         n = self.config.num_sessions
-        if n is None:
-            if self.config.url is None:
-                from retroformer.envs.webshop_server import load_catalog
+        if self.config.url is None:
+            from retroformer.envs.webshop_server import load_catalog
 
-                n = len(load_catalog().goals) - self.config.session_start
-                if n < 1:
-                    raise ConfigError(
-                        f"env.options.session_start={self.config.session_start} is past the built-in catalog's "
-                        f"{n + self.config.session_start} goals; lower it"
-                    )
-            else:
-                n = PAPER_NUM_SESSIONS
+            goals = len(load_catalog().goals)
+            if n is None:
+                n = goals - self.config.session_start
+            if self.config.session_start + n > goals:
+                # The built-in server answers 404 for a session past its goals: fail here, not mid-run.
+                raise ConfigError(
+                    f"env.options.num_sessions={n} from session_start={self.config.session_start} asks for goals past "
+                    f"the built-in catalog's {goals} goals; lower num_sessions (or session_start), or set url to a "
+                    "real WebShop server"
+                )
+        elif n is None:
+            n = PAPER_NUM_SESSIONS
         start = self.config.session_start
         return [Task(task_id=f"fixed_{i}", payload={"session": f"fixed_{i}"}) for i in range(start, start + n)]
 

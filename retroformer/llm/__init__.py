@@ -8,7 +8,7 @@ from typing import Literal
 
 from retroformer.config import doc
 from retroformer.errors import ConfigError
-from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop
+from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop, is_openai_url
 from retroformer.llm.scripted import ScriptedLLM
 
 __all__ = [
@@ -38,8 +38,16 @@ class LLMConfig:
     adapter: str | None = doc("LoRA adapter directory applied on top of `model` (hf backend)", None)
     # --- OpenAI-compatible server ---
     base_url: str | None = doc("server URL, e.g. http://127.0.0.1:8000/v1; None uses the SDK default (OpenAI)", None)
-    api_key_env: str = doc(
-        "name of the environment variable holding the API key (read from .env by the scripts)", "OPENAI_API_KEY"
+    api_key_env: str | None = doc(
+        "name of the environment variable holding the API key (read from .env by the scripts); null: "
+        "OPENAI_API_KEY for OpenAI's own URL and no key for any other server, so a key reaches another server only "
+        "when named here",
+        None,
+    )
+    revision: str | None = doc(
+        "a served model's revision or fingerprint (e.g. the adapter checkpoint); part of the response cache key, so "
+        "a model retrained and served under the same name is not answered from the old one's cache",
+        None,
     )
     style: Literal["chat", "completion"] = doc(
         "chat: /chat/completions (hf: the tokenizer's chat template, when it has one); completion: /completions "
@@ -81,6 +89,12 @@ class LLMConfig:
             raise ConfigError(f"llm.temperature must be >= 0, got {self.temperature}")
         if self.backend == "scripted" and not (self.scripted_policy or self.scripted_replies):
             raise ConfigError("llm.backend=scripted needs llm.scripted_policy or llm.scripted_replies")
+
+    def key_env(self) -> str | None:
+        """The environment variable whose key this model's server gets (see ``api_key_env``), None for no key."""
+        if self.api_key_env:
+            return self.api_key_env
+        return "OPENAI_API_KEY" if self.backend == "openai" and is_openai_url(self.base_url) else None
 
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
         return SamplingParams(

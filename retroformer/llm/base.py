@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 from retroformer.types import Usage
 
@@ -45,6 +46,14 @@ class Completion:
     cached: bool = False
 
 
+def is_openai_url(base_url: str | None) -> bool:
+    """Whether ``base_url`` is OpenAI's own API (None: the SDK default, which is)."""
+    if base_url is None:
+        return True
+    host = urlparse(base_url).hostname or ""
+    return host == "openai.com" or host.endswith(".openai.com")
+
+
 def apply_stop(text: str, stop: tuple[str, ...]) -> str:
     """Cut ``text`` at the first stop sequence (backends that cannot stop server-side use this)."""
     cut = len(text)
@@ -60,6 +69,12 @@ class LLM(abc.ABC):
     """A text generator. ``model_id`` goes into every record's provenance."""
 
     model_id: str = "unknown"
+
+    @property
+    def cache_identity(self) -> str:
+        """What the response cache keys on besides the request: everything that makes this model answer as it does.
+        Defaults to ``model_id``; backends add what ``model_id`` leaves out (server URL, weights, prompt limits)."""
+        return self.model_id
 
     @abc.abstractmethod
     async def generate(self, request: GenerationRequest) -> Completion:

@@ -4,7 +4,10 @@ Re-running identical trials (same model, prompt and deterministic decoding) then
 same text. Only deterministic requests are cached (``SamplingParams.deterministic``: greedy, or seeded); sampled ones
 pass straight through, since caching them would silently turn sampling into replay.
 
-Key: sha256 of the JSON of (cache format version, model_id, style, system, prompt, sampling params). One JSON file
+Key: sha256 of the JSON of (cache format version, the model's :attr:`~retroformer.llm.base.LLM.cache_identity`,
+style, system, prompt, sampling params). The identity of a served model is its name, the full base URL (host, port
+and path) and ``llm.revision``; of an in-process model its weights (path, size, modification time), adapter hash and
+``max_prompt_tokens``. One JSON file
 per key under ``<cache_dir>/<key[:2]>/<key>.json``, written atomically (temporary file + ``os.replace``), so a
 killed run never leaves half a file. Files hold the request fields, the text, the finish reason and the token counts
 of the original call; never an API key (the key is not part of a request).
@@ -29,14 +32,14 @@ from retroformer.types import Usage
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed on the cache identity (full URL, revision, weights) instead of model_id
 
 
-def cache_key(model_id: str, style: str | None, request: GenerationRequest) -> str:
-    """The sha256 hex digest identifying ``request`` sent to ``model_id`` in ``style``."""
+def cache_key(identity: str, style: str | None, request: GenerationRequest) -> str:
+    """The sha256 hex digest identifying ``request`` sent to the model ``identity`` in ``style``."""
     fields = {
         "format": CACHE_FORMAT,
-        "model_id": model_id,
+        "model": identity,
         "style": style,
         "system": request.system,
         "prompt": request.prompt,
@@ -72,7 +75,7 @@ class CachedLLM(LLM):
         return f"CachedLLM({self.inner!r}, cache_dir={str(self.cache_dir)!r})"
 
     def path_for(self, request: GenerationRequest) -> Path:
-        key = cache_key(self.inner.model_id, self.style, request)
+        key = cache_key(self.inner.cache_identity, self.style, request)
         return self.cache_dir / key[:2] / f"{key}.json"
 
     def _read(self, path: Path) -> dict | None:
@@ -126,6 +129,7 @@ class CachedLLM(LLM):
             {
                 "format": CACHE_FORMAT,
                 "model_id": self.inner.model_id,
+                "model": self.inner.cache_identity,
                 "style": self.style,
                 "system": request.system,
                 "prompt": request.prompt,

@@ -9,10 +9,13 @@ scripted, or served from a local address) cost 0; an unknown remote model costs 
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from retroformer.errors import BudgetExceeded
+from retroformer.llm.base import LLM, Completion, GenerationRequest
 from retroformer.types import Usage
 
 logger = logging.getLogger(__name__)
@@ -54,10 +57,19 @@ def is_local_model(model_id: str) -> bool:
     return "/" in model_id
 
 
+#: A dated snapshot suffix: ``gpt-4o-mini-2024-07-18``, ``gpt-3.5-turbo-0125``.
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
 def price_for(model_id: str, prices: dict[str, Price] | None = None) -> Price | None:
-    """The price of ``model_id`` (exact name, or the name before ``@host``), None if unknown."""
+    """The price of ``model_id``: the exact name, the name before ``@host``, or a dated snapshot's name without its
+    date (``gpt-4o-mini-2024-07-18`` costs what ``gpt-4o-mini`` costs); None if unknown."""
     table = DEFAULT_PRICES if prices is None else prices
-    return table.get(model_id) or table.get(model_id.rsplit("@", 1)[0])
+    name = model_id.rsplit("@", 1)[0]
+    for candidate in (model_id, name, _SNAPSHOT.sub("", name)):
+        if candidate in table:
+            return table[candidate]
+    return None
 
 
 def usage_cost(model_id: str, usage: Usage, prices: dict[str, Price] | None = None) -> float:
@@ -145,3 +157,36 @@ class CostLedger:
                 f"cost budget reached: ${usd:.4f} spent, limit ${max_usd:.4f} (example prices, see "
                 "retroformer.llm.cost); finished episodes are kept. Raise the cost budget or resume the run to continue"
             )
+
+
+class MeteredLLM(LLM):
+    """Wraps ``inner``: calls ``check()`` before each call (it raises :class:`BudgetExceeded` once a budget is spent)
+    and ``add(role, model_id, usage)`` after it, so that a budget stops the next call, not the next episode."""
+
+    def __init__(
+        self, inner: LLM, role: str, add: Callable[[str, str, Usage], None], check: Callable[[], None]
+    ) -> None:
+        self.inner = inner
+        self.role = role
+        self._add = add
+        self._check = check
+
+    @property
+    def model_id(self) -> str:  # type: ignore[override]
+        return self.inner.model_id
+
+    @property
+    def style(self) -> str | None:
+        return getattr(self.inner, "style", None)
+
+    def __repr__(self) -> str:
+        return f"MeteredLLM({self.inner!r}, role={self.role!r})"
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        self._check()
+        completion = await self.inner.generate(request)
+        self._add(self.role, completion.model_id, completion.usage)
+        return completion
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from retroformer.errors import ConfigError, LLMError
-from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop
+from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop, is_openai_url
 from retroformer.types import Usage
 
 if TYPE_CHECKING:
@@ -66,11 +66,13 @@ def _retry_after_s(headers: Any) -> float | None:
     try:
         return max(float(value), 0.0)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
-            logger.debug("ignoring unparsable Retry-After header %r", value)
-            return None
+        pass  # not a number of seconds: an HTTP date, or garbage
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
         return max(parsed.timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        logger.debug("ignoring unparsable Retry-After header %r", value)
+        return None
 
 
 class OpenAIBackend(LLM):
@@ -95,10 +97,11 @@ class OpenAIBackend(LLM):
         self.base_url = (cfg.base_url or OPENAI_BASE_URL).rstrip("/")
         host = urlparse(self.base_url).hostname or ""
         self.model_id = cfg.model if cfg.base_url is None else f"{cfg.model}@{host}"
+        self.key_env = cfg.key_env()
         if not api_key:
-            if cfg.base_url is None or host.endswith("openai.com"):
+            if is_openai_url(self.base_url):
                 raise ConfigError(
-                    f"no API key for {self.base_url}: set the environment variable {cfg.api_key_env} (e.g. in .env) "
+                    f"no API key for {self.base_url}: set the environment variable {self.key_env} (e.g. in .env) "
                     "or point llm.base_url at a local server"
                 )
             if host not in _LOCAL_HOSTS:
@@ -112,6 +115,12 @@ class OpenAIBackend(LLM):
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.usage = Usage()
+
+    @property
+    def cache_identity(self) -> str:
+        """The model name at the full base URL (scheme, host, port, path), plus ``llm.revision`` when set."""
+        revision = f"#{self.cfg.revision}" if self.cfg.revision else ""
+        return f"{self.cfg.model}{revision}@{self.base_url}"
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.cfg.model!r}, base_url={self.base_url!r}, style={self.style!r})"
@@ -168,12 +177,24 @@ class OpenAIBackend(LLM):
         except openai.RateLimitError as exc:
             raise _Retryable("HTTP 429 rate limited", _retry_after_s(exc.response.headers)) from exc
         except openai.APIStatusError as exc:
-            # 408 is the server's own request timeout: as transient as ours.
+            # 408 is the server's own request timeout: as transient as ours. A 503's Retry-After is honoured too.
             if exc.status_code >= 500 or exc.status_code == 408:
-                raise _Retryable(f"HTTP {exc.status_code} ({exc.message})") from exc
+                delay = _retry_after_s(exc.response.headers) if exc.response is not None else None
+                raise _Retryable(f"HTTP {exc.status_code} ({exc.message})", delay) from exc
             raise LLMError(self._fatal_message(exc.status_code, exc.message)) from None
         except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
             raise _Retryable(f"malformed response body ({type(exc).__name__}: {exc})") from exc
+        except LLMError:
+            raise
+        except Exception as exc:
+            # Whatever else a request raises (an SDK or transport surprise) ends this call as an LLMError, so that the
+            # episode is recorded as llm_error and the run goes on, instead of the whole run crashing.
+            raise LLMError(
+                self._scrub(
+                    f"{self.style} request to {self.base_url} for model {self.cfg.model!r} raised "
+                    f"{type(exc).__name__}: {exc}; not retried. Check the server and the client library version"
+                )
+            ) from None
 
         choices = getattr(resp, "choices", None)
         if not choices:
@@ -194,8 +215,8 @@ class OpenAIBackend(LLM):
 
     def _fatal_message(self, status: int, message: str) -> str:
         hint = {
-            401: f"check the API key (environment variable {self.cfg.api_key_env})",
-            403: f"check that the key (environment variable {self.cfg.api_key_env}) may use model {self.cfg.model!r}",
+            401: f"check the API key (llm.api_key_env names the variable; now {self.key_env})",
+            403: f"check that the key (environment variable {self.key_env}) may use model {self.cfg.model!r}",
             404: f"check llm.model={self.cfg.model!r} and llm.base_url={self.base_url!r} (and llm.style={self.style!r})",
         }.get(status, "check the request settings (llm.model, llm.max_tokens, stop sequences)")
         return self._scrub(
