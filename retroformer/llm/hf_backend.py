@@ -56,6 +56,22 @@ def adapter_fingerprint(adapter_dir: str | Path) -> str:
     )
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def weights_fingerprint(model: str) -> str:
+    """A cheap fingerprint of a local model directory's weights (names, sizes, modification times), so that weights
+    retrained in place are told apart; a hub id stands for itself."""
+    path = Path(model)
+    if not path.is_dir():
+        return f"id:{model}"
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"):
+        st = f.stat()
+        digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return f"files:{digest.hexdigest()[:16]}"
+
+
 class HFBackend(LLM):
     """A local causal LM (plus an optional LoRA adapter), loaded on first use or by :meth:`load`.
 
@@ -82,6 +98,14 @@ class HFBackend(LLM):
 
     def __repr__(self) -> str:
         return f"HFBackend(model={self.cfg.model!r}, adapter={self.cfg.adapter!r}, loaded={self._model is not None})"
+
+    @property
+    def cache_identity(self) -> str:
+        """The model id (with the adapter's hash), the base weights' fingerprint and the prompt-token limit."""
+        return (
+            f"{self.model_id}|weights={weights_fingerprint(self.cfg.model)}"
+            f"|max_prompt_tokens={self.cfg.max_prompt_tokens}"
+        )
 
     @property
     def model_id(self) -> str:  # type: ignore[override]

@@ -42,7 +42,7 @@ MAX_STOP_SEQUENCES = 4
 
 @dataclass(frozen=True)
 class Fault:
-    """One scripted fault. ``retry_after`` is the ``Retry-After`` header of a 429 (seconds, as text; None omits it)."""
+    """One scripted fault. ``retry_after`` is the ``Retry-After`` header of a 429 or 503 (text; None omits it)."""
 
     kind: str
     retry_after: str | None = "0"
@@ -182,7 +182,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             self._error(429, "Rate limit reached (fake)", "rate_limit_exceeded", headers)
             return
-        if fault.kind in ("500", "503", "400", "401", "408"):
+        if fault.kind == "503":  # overloaded servers send Retry-After with a 503 too
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+            self._error(503, "scripted 503 (fake)", "server_error", headers)
+            return
+        if fault.kind in ("500", "400", "401", "408"):
             self._error(int(fault.kind), f"scripted {fault.kind} (fake)", "server_error")
             return
         if fault.kind == "malformed":
