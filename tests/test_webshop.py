@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -69,7 +70,7 @@ def test_right_product_with_right_options_scores_one(env: WebShopEnv) -> None:
     assert env.step("click[16 oz]").observation == "You have clicked 16 oz."
     done = env.step("click[Buy Now]")
     assert done.done and done.reward == 1.0
-    assert "Your score (min 0.0, max 1.0): 1" in done.observation
+    assert "Your score (min 0.0, max 1.0)\n1" in done.observation
     outcome = env.outcome()
     assert outcome.return_ == 1.0 and outcome.success and outcome.metrics == {"score": 1.0}
     assert env.step("click[Buy Now]").info == {"invalid": True}  # nothing to do after the purchase
@@ -291,3 +292,24 @@ def test_toy_recipe_through_the_trial_loop(tmp_path) -> None:
     )  # fmt: skip
     (record,) = run_trials(short).records
     assert record.end_reason == "step_limit" and len(record.steps) == 3 and record.return_ == 0.0
+
+
+def test_done_page_puts_the_score_in_its_own_element_as_the_real_server_does(env: WebShopEnv) -> None:
+    from retroformer.envs.webshop_server import load_catalog, render_done
+
+    catalog = load_catalog()
+    goal = catalog.goals[0]
+    product = catalog.products[0]
+    page = render_done("fixed_0", goal, product, {}, 0.75)
+    # a scraping client reads the text node after the label: it must be the number
+    assert re.search(r"<h3 id=.reward.>Your score \(min 0\.0, max 1\.0\)<pre>0\.75</pre></h3>", page)
+    # and our client reads both forms: the real one (label, then the number in its own element) and ours of old
+    real = '<h3 id="reward">Your score (min 0.0, max 1.0)<pre>0.75</pre></h3>'
+    assert parse_score(render(parse_page(f"<html><body>{real}</body></html>"), {}, False)) == 0.75
+    assert parse_score("Your score (min 0.0, max 1.0): 1") == 1.0
+
+
+def test_results_page_one_always_shows_next_as_the_real_server_does(env: WebShopEnv) -> None:
+    env.reset(task(0))
+    few = env.step("search[bamboo cutting board juice groove hand soap zzz]").observation
+    assert "Page 1 (Total results:" in few and "[Next >]" in few

@@ -21,7 +21,8 @@ instruction is shown on the start page only (it is the actor's ``Task:`` line); 
 Actions: ``search[<query>]`` (only where there is a search box), ``click[<button, product id or option value>]``
 (case-insensitive), ``think[<note>]`` (answers ``OK.``). Anything else, or a click on something the page does not
 show, answers ``Invalid action!`` and is marked invalid. ``click[Buy Now]`` ends the episode; the done page shows
-``Your score (min 0.0, max 1.0): <r>``. Return = r in [0, 1]; success = r == 1.0 (paper section 4).
+``Your score (min 0.0, max 1.0)`` and, in an element of its own (as the real server renders it), ``<r>``.
+Return = r in [0, 1]; success = r == 1.0 (paper section 4).
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ EXAMPLE_CATALOG: dict[str, Any] = {
 
 _EX_START = f"WebShop\nInstruction:\n{_EXAMPLE_INSTRUCTION}\n[Search]"
 _EX_RESULTS = (
-    "[Back to Search]\nPage 1 (Total results: 2)\n"
+    "[Back to Search]\nPage 1 (Total results: 2)\n[Next >]\n"
     "[B0EX000001]\nOakline Bamboo Cutting Board with Juice Groove\n$24.99\n"
     "[B0EX000002]\nOakline Bamboo Serving Tray\n$18.00"
 )
@@ -252,7 +253,7 @@ EXAMPLE_STEPS: list[tuple[str, str, str]] = [
     ("Size is set and the price fits. I buy it.", "click[Buy Now]", "__DONE__"),
 ]
 _EX_DONE = (
-    "Thank you for shopping with us!\nPurchased: B0EX000001\nOptions: size: large\nYour score (min 0.0, max 1.0): 1"
+    "Thank you for shopping with us!\nPurchased: B0EX000001\nOptions: size: large\nYour score (min 0.0, max 1.0)\n1"
 )
 
 
@@ -294,7 +295,7 @@ PROMPTS = EnvPrompts(
         "Thought: It looks right. I buy it.\n"
         "Action: click[Buy Now]\n"
         "Observation: Thank you for shopping with us!\nPurchased: B0EX000001\nOptions: none\n"
-        "Your score (min 0.0, max 1.0): 0.6667\n"
+        "Your score (min 0.0, max 1.0)\n0.6667\n"
         "Result: return 0.6667, failed\n"
         "Reflection: I opened the right board but bought it without choosing a size, so the size option did not "
         "match. Next time I will search[bamboo cutting board juice groove], click[B0EX000001], click[large] and only "

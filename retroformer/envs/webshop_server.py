@@ -280,8 +280,8 @@ def render_results(session_id: str, goal: Goal, query: str, page: int, hits: lis
     parts.append(f"<div class='page-info'>Page {page} (Total results: {len(hits)})</div>")
     if page > 1:
         parts.append(_button("< Prev", f"/search_results/{_q(session_id)}/{_q(query)}/{page - 1}"))
-    if start + page_size < len(hits):
-        parts.append(_button("Next >", f"/search_results/{_q(session_id)}/{_q(query)}/{page + 1}"))
+    # The real server shows [Next >] on every results page, also when no further page exists.
+    parts.append(_button("Next >", f"/search_results/{_q(session_id)}/{_q(query)}/{page + 1}"))
     for p in shown:
         href = f"/item_page/{_q(session_id)}/{_q(p.asin)}/{_q(query)}/{page}/{_q('{}')}"
         parts.append(
@@ -348,7 +348,8 @@ def render_done(session_id: str, goal: Goal, product: Product, options: dict[str
     body = (
         "<h1>Thank you for shopping with us!</h1>\n"
         f"<p>Purchased: {esc(product.asin)}</p>\n<p>Options: {esc(chosen)}</p>\n"
-        f"<h3 id='reward'>{SCORE_LABEL}: {score:.4g}</h3>"
+        # As the real server renders it: the label, then the number in an element of its own.
+        f"<h3 id='reward'>{SCORE_LABEL}<pre>{score:.4g}</pre></h3>"
     )
     return _page("Done", goal, body)
 
