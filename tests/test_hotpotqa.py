@@ -534,3 +534,26 @@ def test_toy_recipe_runs_through_the_trial_loop(tmp_path):
     assert later and all(r.memory for r in later)  # reflections reach the next attempt's prompt
     assert all(r.success == (r.metrics["em"] == 1.0) for r in result.records)
     assert result.dataset_path is not None and result.dataset_path.exists()
+
+
+def test_html_escaped_titles_are_unescaped_and_stray_whitespace_is_stripped(tmp_path):
+    # the real data has titles such as "Tom &amp; Jerry" (also gold ones) and questions with stray spaces
+    record = json.loads(json.dumps(FIXTURE[0]))
+    old_title = record["supporting_facts"][0][0]
+    escaped = "Salt &amp; Pepper Works"
+    record["context"] = [[escaped if t == old_title else t, [f" {s} " for s in ss]] for t, ss in record["context"]]
+    record["supporting_facts"] = [[escaped if t == old_title else t, i] for t, i in record["supporting_facts"]]
+    record["question"] = f"  {record['question']}\n"
+    (tmp_path / "q.json").write_text(json.dumps([record]))
+    (q,) = load_questions(tmp_path / "q.json")
+    assert (
+        "Salt & Pepper Works" in dict(q.context)
+        and ("Salt & Pepper Works", record["supporting_facts"][0][1]) in q.supporting_facts
+    )
+    assert q.question == FIXTURE[0]["question"].strip()
+    assert all(s == s.strip() for _, ss in q.context for s in ss)
+    s = suite(data_path=str(tmp_path / "q.json"))
+    _, (result,) = drive(s, s.tasks()[0], ["Search[Salt & Pepper Works]"])
+    assert (
+        "Could not find" not in result.observation and dict(q.context)["Salt & Pepper Works"][0] in result.observation
+    )

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import abc
+import html
 import json
 import logging
 import random
@@ -150,6 +151,10 @@ def _pairs_from(value: Any, keys: tuple[str, str], where: str, field_name: str) 
     )
 
 
+def _clean_title(title: Any) -> str:
+    return html.unescape(str(title)).strip()
+
+
 def parse_record(record: dict[str, Any], where: str = "record") -> HotpotQuestion:
     """One question from either layout: official (``_id``, pair lists) or Hugging Face (``id``, dicts of lists)."""
     if not isinstance(record, dict):
@@ -165,19 +170,20 @@ def parse_record(record: dict[str, Any], where: str = "record") -> HotpotQuestio
         raise DataError(
             f"{where} (id {qid}): no answer; HotPotQA's test split is unlabelled, use the dev ('validation') split"
         )
+    # The real data escapes some titles ("Tom &amp; Jerry", gold ones too), so Search[Tom & Jerry] would miss them.
     context = tuple(
-        (str(title), tuple(str(s) for s in sentences))
+        (_clean_title(title), tuple(str(s).strip() for s in sentences))
         for title, sentences in _pairs_from(record["context"], ("title", "sentences"), where, "context")
     )
     facts = tuple(
-        (str(title), int(idx))
+        (_clean_title(title), int(idx))
         for title, idx in _pairs_from(
             record.get("supporting_facts", []), ("title", "sent_id"), where, "supporting_facts"
         )
     )
     return HotpotQuestion(
         qid=str(qid),
-        question=str(record["question"]),
+        question=str(record["question"]).strip(),
         answer=str(record["answer"]),
         qtype=str(record.get("type", "")),
         level=str(record.get("level", "")),
