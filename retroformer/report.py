@@ -13,8 +13,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from retroformer.config import read_yaml
+from retroformer.dataset import rated_reflection_rows
 from retroformer.errors import DataError
-from retroformer.records import effective_records, read_task_ids
+from retroformer.records import config_path, effective_records, read_records, read_task_ids, records_path
 from retroformer.types import ERRORED_END_REASONS, EpisodeRecord
 
 logger = logging.getLogger(__name__)
@@ -29,8 +31,6 @@ def summarize(records: list[EpisodeRecord], trials: int | None = None, num_tasks
 
     Attempts that a later line of the same (task, trial) replaced are history: counted only in ``replaced_attempts``.
     """
-    from retroformer.dataset import rated_reflection_rows
-
     all_lines = len(records)
     records = effective_records(records)
     tasks = sorted({r.task_id for r in records})
@@ -107,9 +107,6 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
 
 def load_run(run: str | Path) -> tuple[str, dict[str, Any]]:
     """Summary of a trials run directory (``runs/<name>``)."""
-    from retroformer.config import read_yaml
-    from retroformer.records import config_path, read_records, records_path
-
     run = Path(run)
     if not records_path(run).is_file():
         raise DataError(

@@ -15,8 +15,10 @@ from typing import Any
 
 from retroformer.agents.actor import FORMAT_ERROR, ActContext, Actor
 from retroformer.agents.memory import memory_window
+from retroformer.builders import build_actor, build_suite, load_run_spec
 from retroformer.envs.base import EnvPrompts, EnvSuite, Outcome, Task, TextEnv
 from retroformer.errors import BudgetExceeded, DataError, EnvError, LLMError
+from retroformer.records import read_records, records_path
 from retroformer.types import ERRORED_END_REASONS, Step, Usage
 
 logger = logging.getLogger(__name__)
@@ -156,20 +158,10 @@ class OnlineReflectionScorer:
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, api_key: str | None = None) -> OnlineReflectionScorer:
-        from retroformer.config import from_dict, read_yaml
-        from retroformer.records import read_records
-        from retroformer.trials import TrialsConfig, build_actor, build_suite, config_path, records_path
-
-        run_dir = Path(run_dir)
-        if not config_path(run_dir).is_file():
-            raise DataError(
-                f"{run_dir} is not a trials run directory (no {config_path(run_dir).relative_to(run_dir)}); "
-                "pass the directory that `retroformer trials` wrote (runs/<run_name>)"
-            )
-        cfg = from_dict(TrialsConfig, read_yaml(config_path(run_dir)))
-        suite = build_suite(cfg)
-        actor = build_actor(cfg, suite, api_key=api_key)
-        return cls(suite, actor, cfg.memory_size, read_records(records_path(run_dir)), cfg.concurrency)
+        spec = load_run_spec(run_dir)
+        suite = build_suite(spec)
+        actor = build_actor(spec, suite, api_key=api_key)
+        return cls(suite, actor, spec.memory_size, read_records(records_path(run_dir)), spec.concurrency)
 
     def _earlier(self, task_id: str, trial: int) -> list[str]:
         return [text for t, text in self._reflections.get(task_id, []) if t < trial]

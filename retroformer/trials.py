@@ -23,15 +23,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from retroformer.agents.actor import Actor, ReActActor
+from retroformer.agents.actor import Actor
 from retroformer.agents.memory import memory_window
 from retroformer.agents.reflector import Reflector
+from retroformer.builders import (
+    ActorSection,
+    EnvSection,
+    ReflectorSection,
+    build_actor,
+    build_reflector,
+    build_suite,
+    check_model_paths,
+    select_tasks,
+)
 from retroformer.config import doc, read_yaml, save_config, to_dict
 from retroformer.dataset import export_rated_reflections
-from retroformer.envs.base import EnvSuite, Outcome, Task, make_suite
+from retroformer.envs.base import EnvSuite, Outcome, Task
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError
-from retroformer.llm import LLMConfig, build_llm
-from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, MeteredLLM, Price, is_local_model, price_for
+from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, Price, is_local_model, price_for
 from retroformer.records import (
     RecordWriter,
     RunLock,
@@ -46,39 +55,6 @@ from retroformer.rollout import prompts_for, run_new_episode
 from retroformer.types import ERRORED_END_REASONS, EpisodeRecord, Reflection, Usage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EnvSection:
-    name: str = doc("registered environment: synthetic, textworld, hotpotqa, alfworld, webshop", "synthetic")
-    options: dict = doc(
-        "the environment's own options (its Config fields; unknown keys are rejected)", default_factory=dict
-    )
-    max_tasks: int | None = doc("use only the first N tasks of the environment's list", None)
-
-
-@dataclass
-class ActorSection:
-    kind: Literal["react", "plan"] = doc(
-        "react: an LLM with a ReAct prompt; plan: the synthetic env's deterministic plan-following actor (no LLM)",
-        "react",
-    )
-    llm: LLMConfig = doc("the actor's LLM (ignored for kind=plan)", default_factory=LLMConfig)
-    max_observation_chars: int = doc("observations longer than this are truncated in the actor's prompt", 1500)
-    max_prompt_chars: int = doc("oldest scratchpad steps are dropped beyond this prompt length", 24000)
-
-
-@dataclass
-class ReflectorSection:
-    kind: Literal["llm", "none"] = doc(
-        "llm: write reflections with `llm`; none: no reflections (ReAct baseline)", "llm"
-    )
-    llm: LLMConfig = doc(
-        "the retrospective model (base + optional LoRA adapter, or a server); completion style by default, the "
-        "format sft_run.py trains on",
-        default_factory=lambda: LLMConfig(max_tokens=64, style="completion"),
-    )
-    max_chars: int = doc("reflections are cut to this many characters (at a sentence end where possible)", 600)
 
 
 @dataclass
@@ -161,72 +137,6 @@ class TrialsConfig:
 
 def run_dir(cfg: TrialsConfig) -> Path:
     return Path(cfg.runs_dir) / cfg.run_name
-
-
-def check_model_paths(cfg: TrialsConfig, roles: tuple[str, ...] = ("actor", "reflector")) -> None:
-    """Fail before any episode on an in-process model or adapter path that does not exist (hub ids pass)."""
-    from retroformer.training.common import check_model_path
-
-    sections = {
-        "actor": (cfg.actor, cfg.actor.kind != "plan"),
-        "reflector": (cfg.reflector, cfg.reflector.kind != "none"),
-    }
-    for role in roles:
-        section, used = sections[role]
-        if used and section.llm.backend == "hf":
-            check_model_path(section.llm.model, f"{role}.llm.model")
-            if section.llm.adapter:
-                check_model_path(section.llm.adapter, f"{role}.llm.adapter")
-
-
-def build_suite(cfg: TrialsConfig) -> EnvSuite:
-    return make_suite(cfg.env.name, cfg.env.options)
-
-
-def select_tasks(cfg: TrialsConfig, suite: EnvSuite) -> list[Task]:
-    tasks = suite.tasks()
-    if cfg.env.max_tasks is not None:
-        tasks = tasks[: cfg.env.max_tasks]
-    ids = [t.task_id for t in tasks]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"environment {cfg.env.name!r} returned duplicate task ids; task ids must be unique")
-    return tasks
-
-
-def _wrap_cache(llm, cfg: TrialsConfig):
-    if cfg.cache_dir is None:
-        return llm
-    from retroformer.llm.cache import CachedLLM
-
-    return CachedLLM(llm, cfg.cache_dir)
-
-
-def _meter(llm, role: str, ledger):
-    """Count each call's usage in ``ledger`` and check its budget before each call (None: no metering)."""
-    return llm if ledger is None else MeteredLLM(llm, role, ledger.add, ledger.check)
-
-
-def build_actor(cfg: TrialsConfig, suite: EnvSuite, api_key: str | None = None, meter=None) -> Actor:
-    """The configured actor; with ``meter`` (a ledger with ``add`` and ``check``) its calls are counted and budgeted."""
-    if cfg.actor.kind == "plan":
-        from retroformer.envs.synthetic import PlanFollowingActor
-
-        return PlanFollowingActor()
-    llm = _meter(_wrap_cache(build_llm(cfg.actor.llm, api_key=api_key), cfg), "actor", meter)
-    return ReActActor(
-        llm,
-        suite.prompts,
-        cfg.actor.llm.sampling(),
-        max_observation_chars=cfg.actor.max_observation_chars,
-        max_prompt_chars=cfg.actor.max_prompt_chars,
-    )
-
-
-def build_reflector(cfg: TrialsConfig, api_key: str | None = None, meter=None) -> Reflector | None:
-    if cfg.reflector.kind == "none":
-        return None
-    llm = _meter(_wrap_cache(build_llm(cfg.reflector.llm, api_key=api_key), cfg), "reflector", meter)
-    return Reflector(llm, cfg.reflector.llm.sampling(), max_chars=cfg.reflector.max_chars)
 
 
 @dataclass
@@ -401,12 +311,12 @@ async def run_trials_async(
     raised). Only one run at a time may use a run directory (:class:`~retroformer.records.RunLock`).
     """
     api_keys = api_keys or {}
-    check_model_paths(
-        cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
-    )
     start = time.perf_counter()
     out = run_dir(cfg)
-    with RunLock(out):
+    with RunLock(out):  # first: a run that is refused must be refused at once, before any other work
+        check_model_paths(
+            cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
+        )
         return await _run_locked(cfg, api_keys, actor, reflector, progress, out, start)
 
 

@@ -296,3 +296,27 @@ def test_environment_calls_run_as_concurrently_as_the_run_allows(tmp_path, monke
     cfg = cfg_for(tmp_path, trials=1, concurrency=16, **{"env.options": {"num_tasks": 16}})
     run_trials(cfg, progress=False)
     assert state["max"] == 16  # asyncio's default pool holds min(32, cpus + 4) threads: 6 on two cores
+
+
+# --- layering ---------------------------------------------------------------------------------------------------------
+
+
+def own_imports(module: str) -> set[str]:
+    """The package modules ``module`` imports anywhere in its source (module level or inside functions)."""
+    import ast
+    import importlib.util
+
+    tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("retroformer"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("retroformer"))
+    return found
+
+
+def test_the_builders_sit_below_the_episode_runner_and_the_trial_loop():
+    assert "retroformer.trials" not in own_imports("retroformer.rollout")
+    assert {"retroformer.rollout", "retroformer.trials"}.isdisjoint(own_imports("retroformer.builders"))
+    assert "retroformer.builders" in own_imports("retroformer.rollout") & own_imports("retroformer.trials")

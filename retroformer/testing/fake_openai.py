@@ -15,6 +15,8 @@ Fault kinds: ``timeout`` (hold the request past the client's timeout), ``429`` (
 ``503``, ``408``, ``400``, ``401``, ``reset`` (close the socket without a response), ``malformed`` (200 with a body that is
 not JSON), ``empty`` (200 with no choices), ``null_content`` (200 with a choice whose content is null).
 
+``outage(seconds)`` answers every request of a time window with one fault kind (a total outage).
+
 Requests are recorded (path, headers, JSON body, arrival time) for assertions. The server never echoes the
 ``Authorization`` header in any response.
 """
@@ -93,6 +95,8 @@ class _State:
     requests: list[RecordedRequest] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    outage_until: float = 0.0
+    outage_kind: str = "503"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -152,7 +156,10 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             body = None
         with state.lock:
-            fault = state.faults.pop(0) if state.faults else Fault("ok")
+            if time.monotonic() < state.outage_until:
+                fault = Fault(state.outage_kind, retry_after=None)
+            else:
+                fault = state.faults.pop(0) if state.faults else Fault("ok")
             state.requests.append(
                 RecordedRequest("POST", self.path, dict(self.headers), body, time.monotonic(), fault.kind)
             )
@@ -276,6 +283,13 @@ class FakeOpenAIServer:
         parsed = [f if isinstance(f, Fault) else Fault("ok" if f is None else str(f)) for f in faults]
         with self.state.lock:
             self.state.faults.extend(parsed)
+
+    def outage(self, seconds: float, kind: str = "503") -> None:
+        """Answer every request of the next ``seconds`` with the fault ``kind`` (a total outage), from now."""
+        Fault(kind)  # validates the kind
+        with self.state.lock:
+            self.state.outage_kind = kind
+            self.state.outage_until = time.monotonic() + seconds
 
     @property
     def requests(self) -> list[RecordedRequest]:
