@@ -126,6 +126,13 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     if unknown:
         key = unknown[0]
         prefix = f"{where}." if where else ""
+        name, colon, rest = str(key).partition(":")
+        if colon and name.strip() in fields and data[key] is None:
+            # YAML reads `{num_tasks:20}` as one key 'num_tasks:20' without a value.
+            raise ConfigError(
+                f"config key {prefix}{key!r} looks like {name.strip()!r} set to {rest.strip()!r} without a space "
+                f"after the colon; YAML needs one: {{{name.strip()}: {rest.strip()}}}"
+            )
         raise ConfigError(
             f"unknown config key {prefix}{key!r} for {cls.__name__}.{_suggest(key, list(fields))} "
             f"Valid keys: {', '.join(sorted(fields))}"
@@ -222,9 +229,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML recipe to --config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping of fields, got {type(data).__name__}")
     return data

@@ -129,9 +129,16 @@ class TrialsConfig:
             raise ConfigError(
                 f"actor.kind=plan works only with env.name=synthetic (got {self.env.name!r}); use actor.kind=react"
             )
-        if not self.run_name or "/" in self.run_name or "\\" in self.run_name or self.run_name in (".", ".."):
+        if (
+            not self.run_name.strip()
+            or self.run_name != self.run_name.strip()
+            or "/" in self.run_name
+            or "\\" in self.run_name
+            or self.run_name in (".", "..")
+        ):
             raise ConfigError(
-                f"run_name must be a plain directory name (not '.' or '..', no '/' or '\\'), got {self.run_name!r}"
+                f"run_name must be a plain directory name (not blank, '.' or '..', no '/' or '\\', no spaces at either "
+                f"end), got {self.run_name!r}"
             )
 
 

@@ -320,3 +320,92 @@ def test_the_builders_sit_below_the_episode_runner_and_the_trial_loop():
     assert "retroformer.trials" not in own_imports("retroformer.rollout")
     assert {"retroformer.rollout", "retroformer.trials"}.isdisjoint(own_imports("retroformer.builders"))
     assert "retroformer.builders" in own_imports("retroformer.rollout") & own_imports("retroformer.trials")
+
+
+# --- low: records, report, run names, inputs, Ctrl-C ------------------------------------------------------------------
+
+
+def finished_run(tmp_path, **over):
+    return run_trials(cfg_for(tmp_path, **{"trials": 1, **over}), progress=False)
+
+
+def test_a_whole_last_line_without_its_newline_gets_one_before_the_next_append(tmp_path):
+    res = finished_run(tmp_path)
+    path = records_path(res.run_dir)
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    assert len(read_records(path)) == 4 and path.read_bytes().endswith(b"\n")
+    # the last episode's line is gone and the one before lost its newline: the rerun appends a line of its own
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-2]) + lines[-2].rstrip(b"\n"))
+    again = finished_run(tmp_path)
+    assert again.new_episodes == 1 and len(read_records(path, repair=False)) == 4
+
+
+def test_invalid_utf8_inside_the_records_is_a_data_error_with_file_and_line(tmp_path):
+    from retroformer.errors import DataError
+
+    res = finished_run(tmp_path)
+    path = records_path(res.run_dir)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"created_at": "', b'"created_at": "\xff\xfe')
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(DataError, match=rf"{path}:2: not valid JSON \(invalid UTF-8"):
+        read_records(path)
+
+
+def test_report_counts_the_tasks_a_stopped_run_never_reached(tmp_path):
+    from retroformer.report import load_run
+
+    with FakeOpenAIServer(reply=vault_reply) as url:
+        res = run_trials(cfg_for(tmp_path, url, **{"budget.max_tokens": 150}), progress=False)
+    assert res.stopped_by_budget and len({r.task_id for r in res.records}) < 4
+    _, summary = load_run(res.run_dir)
+    assert summary["num_tasks"] == 4 and summary["cumulative_success"][-1] <= 0.5
+
+
+def test_resuming_records_of_another_run_name_is_refused(tmp_path):
+    from retroformer.errors import DataError
+
+    res = finished_run(tmp_path, trials=2)
+    res.run_dir.rename(res.run_dir.with_name("renamed"))
+    (res.run_dir.with_name("renamed") / "trials" / "config.yaml").unlink()
+    with pytest.raises(DataError, match="episodes of run 'r', not 'renamed'.*run_name='r'"):
+        run_trials(cfg_for(tmp_path, run_name="renamed", trials=2), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"env.max_tasks": -5}, "env.max_tasks must be >= 1"),
+        ({"budget.max_usd": -1}, "budget.max_usd must be > 0"),
+        ({"budget.max_tokens": 0}, "budget.max_tokens must be >= 1"),
+        ({"run_name": " "}, "run_name must be a plain directory name"),
+        ({"run_name": "a "}, "run_name must be a plain directory name"),
+        (
+            {"env.options": {"num_tasks:20": None}},
+            r"without a space after the colon; YAML needs one: \{num_tasks: 20\}",
+        ),
+    ],
+)
+def test_bad_values_are_refused_with_a_message_naming_them(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg = cfg_for(tmp_path, **over)
+        make_suite(cfg.env.name, cfg.env.options)
+
+
+def test_a_non_utf8_recipe_is_a_config_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes("run_name: caf\u00e9\n".encode("latin-1"))
+    assert cli_main(["trials", "--config", str(recipe)]) == 2
+
+
+def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path, monkeypatch, capsys):
+    import retroformer.cli as cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "trials", interrupted)
+    assert cli_main(["trials"]) == 130
+    err = capsys.readouterr().err
+    assert "run the same command again to resume" in err and "Traceback" not in err
