@@ -25,10 +25,14 @@
 #   SERVE_CACHE_DIR      merged adapter copies and the names folder          (default: runs/serve_cache)
 #   SERVE_READY_TIMEOUT  seconds to wait for the server and its models      (default: 300)
 #   SERVE_EXTRA_ARGS     extra arguments for the server, split on spaces     (default: none)
-#   SERVE_ENV_FILE       file of VAR=value lines to source                   (default: .env at the repository root)
+#   SERVE_API_KEY        key every request must send (Authorization: Bearer) (default: none; set it for a SERVE_HOST
+#                        other than loopback, and give the reflector's llm.api_key_env the variable holding it)
+#   SERVE_ENV_FILE       file of VAR=value lines; only the variables listed   (default: .env at the repository root)
+#                        here are read from it
 #   PYTHON               interpreter with retroformer installed             (default: .venv/bin/python, else python3)
 #
-# It prints "ready: <base URL> models: <names>" once the server answers, and stops the server (and waits for it) on
+# A request for a model name that is not served answers 404. It prints "ready: <base URL> models: <names>" once the
+# server answers, and stops the server (and waits for it) on
 # SIGINT or SIGTERM. Relative paths are relative to the repository root.
 set -euo pipefail
 
@@ -46,22 +50,24 @@ case "${1:-}" in
 esac
 
 VARS=(SERVE_MODEL SERVE_ADAPTERS SERVE_BASE_NAME SERVE_HOST SERVE_PORT SERVE_DTYPE SERVE_BACKEND SERVE_CACHE_DIR
-      SERVE_READY_TIMEOUT SERVE_EXTRA_ARGS PYTHON)
+      SERVE_READY_TIMEOUT SERVE_EXTRA_ARGS SERVE_API_KEY PYTHON)
 ENV_FILE="${SERVE_ENV_FILE:-$ROOT/.env}"
 if [[ -f "$ENV_FILE" ]]; then
-    # The process environment wins over the file: remember what is set, source, then put it back. Nothing is echoed.
-    declare -A KEEP=()
-    for v in "${VARS[@]}"; do
-        if [[ -n "${!v+x}" ]]; then KEEP[$v]="${!v}"; fi
-    done
-    set -a
-    # shellcheck disable=SC1090
-    source "$ENV_FILE"
-    set +a
-    for v in "${!KEEP[@]}"; do
-        printf -v "$v" '%s' "${KEEP[$v]}"
-        export "${v?}"
-    done
+    # Only the variables above are read from the file, and none is exported: the other secrets of .env (API keys of
+    # other services) stay out of the model server's environment. The process environment wins. Nothing is echoed.
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line#"${line%%[![:space:]]*}"}"
+        line="${line#export }"
+        [[ -z "$line" || "$line" == \#* || "$line" != *=* ]] && continue
+        name="${line%%=*}"
+        value="${line#*=}"
+        for v in "${VARS[@]}"; do
+            if [[ "$name" == "$v" && -z "${!v+x}" ]]; then
+                if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then value="${BASH_REMATCH[1]}"; fi
+                printf -v "$v" '%s' "$value"
+            fi
+        done
+    done <"$ENV_FILE"
 fi
 
 MODEL="${SERVE_MODEL:-runs/tiny/lm}"
@@ -89,6 +95,18 @@ fi
 if [[ ! "$READY_TIMEOUT" =~ ^[0-9]+$ ]]; then
     echo "serve.sh: SERVE_READY_TIMEOUT='$READY_TIMEOUT' is not a number of seconds; set e.g. 300" >&2
     exit 2
+fi
+case "$HOST" in
+    127.* | localhost | ::1) ;;
+    *)
+        if [[ -z "${SERVE_API_KEY:-}" ]]; then
+            echo "serve.sh: warning: SERVE_HOST=$HOST accepts requests from other machines and SERVE_API_KEY is not" \
+                "set, so anyone who reaches it can use the model; set SERVE_API_KEY or serve on 127.0.0.1" >&2
+        fi
+        ;;
+esac
+if [[ -n "${SERVE_API_KEY:-}" ]]; then
+    export SERVE_API_KEY # the server and the readiness check need it; it is never put on a command line
 fi
 if [[ "$BACKEND" == auto ]]; then
     if "$PY" -c 'import vllm' >/dev/null 2>&1; then BACKEND=vllm; else BACKEND=transformers; fi
@@ -133,7 +151,8 @@ case "$BACKEND" in
         fi
         VLLM="$(dirname "$PY")/vllm"
         [[ -x "$VLLM" ]] || VLLM="$(command -v vllm)"
-        "$VLLM" serve "$MODEL" --served-model-name "$BASE_NAME" --host "$HOST" --port "$PORT" --dtype "$DTYPE" \
+        VLLM_API_KEY="${SERVE_API_KEY:-}" "$VLLM" serve "$MODEL" --served-model-name "$BASE_NAME" --host "$HOST" \
+            --port "$PORT" --dtype "$DTYPE" \
             "${LORA[@]}" "${EXTRA[@]}" &
         CHILD=$!
         LOAD=()
@@ -144,9 +163,10 @@ case "$BACKEND" in
         SERVED="$("$PY" -m retroformer.serving prepare --model "$MODEL" --adapters "$ADAPTERS" \
             --cache-dir "$CACHE_DIR" --names-dir "$NAMES_DIR" --base-name "$BASE_NAME" --dtype "$DTYPE")"
         read -r -a NAMES <<<"$SERVED"
-        # The server resolves a request's model name as a path from its working directory: the names folder.
-        (cd "$NAMES_DIR" && exec "$PY" -m transformers.cli.transformers serve --host "$HOST" --port "$PORT" \
-            --device cpu --dtype "$DTYPE" --model-timeout -1 "${EXTRA[@]}") &
+        # The server resolves a request's model name as a path from its working directory: the names folder. The
+        # guard in front of it answers 404 for other names (and checks SERVE_API_KEY when it is set).
+        (cd "$NAMES_DIR" && exec "$PY" -m retroformer.serving serve --names "${NAMES[@]}" -- --host "$HOST" \
+            --port "$PORT" --device cpu --dtype "$DTYPE" --model-timeout -1 "${EXTRA[@]}") &
         CHILD=$!
         LOAD=()
         for n in "${NAMES[@]}"; do LOAD+=(--load "$n"); done

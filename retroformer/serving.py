@@ -9,6 +9,12 @@ A request for ``model="sft"`` then loads the merged SFT model, as vLLM's ``--lor
     python -m retroformer.serving prepare --model runs/tiny/lm --adapters sft=runs/demo/sft \\
         --cache-dir runs/serve_cache --names-dir runs/serve_cache/names-8000
     python -m retroformer.serving wait --url http://127.0.0.1:8000/v1 --timeout 300 --load base --load sft
+    python -m retroformer.serving serve --names base sft -- --host 127.0.0.1 --port 8000 --device cpu
+
+``serve`` runs ``transformers serve`` behind :class:`ServedModelsGuard`: a request for a model name that is not
+served answers 404 (``transformers serve`` would try to load it as a path or Hub id and answer 500), and with
+``SERVE_API_KEY`` in the environment every request must carry it (``Authorization: Bearer <key>``), as vLLM's
+``--api-key`` does.
 
 Nothing here runs at import.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -136,13 +143,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def wait_ready(base_url: str, timeout_s: float, load: list[str] = (), pid: int | None = None) -> None:
+def wait_ready(
+    base_url: str, timeout_s: float, load: list[str] = (), pid: int | None = None, api_key: str | None = None
+) -> None:
     """Poll ``GET {base_url}/models`` until it answers, then ask the server to load each of ``load``.
 
     Fails with :class:`LLMError` after ``timeout_s`` seconds in all, or as soon as process ``pid`` has exited.
     """
     import httpx
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout_s
     root = base_url.rstrip("/").removesuffix("/v1")
     last = "no answer yet"
@@ -150,7 +160,7 @@ def wait_ready(base_url: str, timeout_s: float, load: list[str] = (), pid: int |
         if pid is not None and not _pid_alive(pid):
             raise LLMError(f"the server process {pid} exited before answering {base_url}/models; see its log above")
         try:
-            r = httpx.get(f"{base_url.rstrip('/')}/models", timeout=5.0)
+            r = httpx.get(f"{base_url.rstrip('/')}/models", timeout=5.0, headers=headers)
             if r.status_code == 200:
                 break
             last = f"HTTP {r.status_code}"
@@ -165,7 +175,7 @@ def wait_ready(base_url: str, timeout_s: float, load: list[str] = (), pid: int |
     for name in load:
         # transformers serve loads on first use; ask now so the first real request is not the slow one.
         remaining = max(1.0, deadline - time.monotonic())
-        with httpx.stream("POST", f"{root}/load_model", json={"model": name}, timeout=remaining) as r:
+        with httpx.stream("POST", f"{root}/load_model", json={"model": name}, timeout=remaining, headers=headers) as r:
             if r.status_code != 200:
                 raise LLMError(f"loading model {name!r} answered HTTP {r.status_code}; expected 200")
             status = None
@@ -178,6 +188,78 @@ def wait_ready(base_url: str, timeout_s: float, load: list[str] = (), pid: int |
             if status != "ready":
                 raise LLMError(f"loading model {name!r} ended with status {status!r}; expected 'ready'")
         logger.info("model %s loaded", name)
+
+
+class ServedModelsGuard:
+    """ASGI middleware: 404 for a request naming a model that is not served, 401 without the API key (if one is set).
+
+    Requests are checked before the wrapped app sees them; a checked body is handed on unchanged.
+    """
+
+    def __init__(self, app, names: list[str], api_key: str | None = None) -> None:
+        self.app = app
+        self.names = list(names)
+        self._key = api_key or None
+
+    async def _reply(self, send, status: int, message: str, etype: str) -> None:
+        body = json.dumps({"error": {"message": message, "type": etype, "code": status}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._key is not None and scope.get("path") != "/health":
+            sent = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {self._key}".encode()):
+                await self._reply(send, 401, "missing or wrong API key (Authorization: Bearer ...)", "auth_error")
+                return
+        if scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            model = json.loads(body or b"{}").get("model")
+        except (ValueError, AttributeError):
+            model = None  # not a JSON object: the app answers it
+        if isinstance(model, str) and model not in self.names:
+            await self._reply(
+                send, 404, f"model {model!r} is not served here; served: {', '.join(self.names)}", "not_found_error"
+            )
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def serve_transformers(names: list[str], api_key: str | None, server_argv: list[str]) -> None:
+    """Run ``transformers serve <server_argv>`` with its app wrapped in :class:`ServedModelsGuard`."""
+    from transformers.cli import transformers as transformers_cli
+    from transformers.cli.serving import server as transformers_server
+
+    build = transformers_server.build_server
+
+    def guarded(*args, **kwargs):
+        return ServedModelsGuard(build(*args, **kwargs), names, api_key)
+
+    transformers_server.build_server = guarded  # Serve() imports build_server from this module when it starts
+    sys.argv = ["transformers", "serve", *server_argv]
+    transformers_cli.main()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--timeout", type=float, default=300.0)
     w.add_argument("--load", action="append", default=[])
     w.add_argument("--pid", type=int, default=None)
+    g = sub.add_parser("serve", help="run `transformers serve ARGS` answering only for --names (see the docstring)")
+    g.add_argument("--names", nargs="+", required=True)
+    g.add_argument("server_args", nargs=argparse.REMAINDER, help="arguments of `transformers serve`, after --")
     args = parser.parse_args(argv)
+    # A script: the key comes from the environment (serve.sh reads it from .env), never from the command line.
+    api_key = os.environ.get("SERVE_API_KEY") or None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "prepare":
@@ -203,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, parse_adapters(args.adapters), args.cache_dir, args.names_dir, args.base_name, args.dtype
             )
             print(" ".join(names))
+        elif args.command == "serve":
+            serve_transformers(args.names, api_key, [a for a in args.server_args if a != "--"])
         else:
-            wait_ready(args.url, args.timeout, args.load, args.pid)
+            wait_ready(args.url, args.timeout, args.load, args.pid, api_key=api_key)
     except (ConfigError, LLMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ The tiny tokenizer has no chat template, so requests use the completion endpoint
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -70,12 +71,18 @@ def models(tmp_path_factory):
     return {"lm": lm, "adapter": adapter, "cache": out / "serve_cache"}
 
 
+DOTENV_SECRET = "sk-dotenv-secret-for-another-service"
+
+
 @pytest.fixture(scope="module")
 def server(models):
     port = _free_port()
+    # An .env of the test's own (a developer's stays out): a secret of another service must not reach the server.
+    env_file = models["cache"].parent / "serve.env"
+    env_file.write_text(f"OPENAI_API_KEY={DOTENV_SECRET}\nexport SERVE_BASE_NAME='base'\n")
     env = {
         **os.environ,
-        "SERVE_ENV_FILE": str(models["cache"] / "no.env"),  # keep a developer's .env out of the test
+        "SERVE_ENV_FILE": str(env_file),
         "SERVE_MODEL": str(models["lm"]),
         "SERVE_ADAPTERS": f"sft={models['adapter']}",
         "SERVE_PORT": str(port),
@@ -149,6 +156,17 @@ def test_models_are_listed_by_name(server):
 
     ids = {m["id"] for m in httpx.get(f"{server['url']}/models", timeout=10).json()["data"]}
     assert {"base", "sft"} <= ids
+
+
+def test_an_unknown_model_name_answers_404_and_other_secrets_of_env_stay_out(server):
+    import httpx
+
+    r = httpx.post(f"{server['url']}/completions", json={"model": "nope", "prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 404 and "'nope' is not served here" in r.json()["error"]["message"]
+    for pid in server["server_pids"]:
+        environ = Path(f"/proc/{pid}/environ")
+        if environ.exists():
+            assert DOTENV_SECRET.encode() not in environ.read_bytes()
 
 
 def test_http_greedy_text_matches_in_process_generation(server, models):
@@ -226,3 +244,41 @@ def test_bad_adapter_spec_fails_before_starting_a_server(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "llm" / "serve.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "not name=path" in proc.stderr and "ready:" not in proc.stdout
+
+
+def test_the_guard_checks_the_api_key_and_the_model_name_before_the_server_sees_a_request():
+    import asyncio
+
+    import httpx
+
+    from retroformer.serving import ServedModelsGuard
+
+    seen = []
+
+    async def app(scope, receive, send):
+        body = (await receive())["body"]
+        seen.append(json.loads(body))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def go():
+        guard = ServedModelsGuard(app, ["base", "sft"], api_key="k3y")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://s") as client:
+            no_key = await client.post("/v1/completions", json={"model": "sft"})
+            wrong = await client.post("/v1/completions", json={"model": "sft"}, headers={"Authorization": "Bearer x"})
+            key = {"Authorization": "Bearer k3y"}
+            unknown = await client.post("/v1/completions", json={"model": "ppo"}, headers=key)
+            ok = await client.post("/v1/completions", json={"model": "sft", "prompt": "p"}, headers=key)
+        return no_key.status_code, wrong.status_code, unknown.status_code, ok.status_code
+
+    assert asyncio.run(go()) == (401, 401, 404, 200)
+    assert seen == [{"model": "sft", "prompt": "p"}]  # only the accepted request, its body intact
+
+
+def test_a_non_loopback_host_without_an_api_key_is_warned_about(tmp_path):
+    env = {**os.environ, "SERVE_ENV_FILE": str(tmp_path / "none.env"), "SERVE_HOST": "0.0.0.0", "SERVE_BACKEND": "x"}
+    out = subprocess.run(["bash", str(ROOT / "llm" / "serve.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "SERVE_API_KEY is not set" in out.stderr
+    env["SERVE_API_KEY"] = "k"
+    out = subprocess.run(["bash", str(ROOT / "llm" / "serve.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "SERVE_API_KEY is not set" not in out.stderr
