@@ -13,6 +13,7 @@ reflections are exported as a Hugging Face dataset (``datasets/rated_reflections
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -320,20 +321,20 @@ async def run_trials_async(
     api_keys = api_keys or {}
     start = time.perf_counter()
     out = run_dir(cfg)
-    with RunLock(out):  # first: a run that is refused must be refused at once, before any other work
+    # The lock first: a run that is refused must be refused at once, before any other work.
+    with RunLock(out), contextlib.ExitStack() as cleanup:
         check_model_paths(
             cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
         )
-        return await _run_locked(cfg, api_keys, actor, reflector, progress, out, start)
-
-
-async def _run_locked(cfg, api_keys, actor, reflector, progress, out: Path, start: float) -> TrialsResult:
-    check_resume_config(cfg, config_path(out))
-    path = records_path(out)
-    existing = read_records(path)
-    suite = build_suite(cfg)
-    executor = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="trials")
-    try:
+        check_resume_config(cfg, config_path(out))
+        path = records_path(out)
+        existing = read_records(path)
+        suite = build_suite(cfg)
+        cleanup.callback(suite.close)
+        # Environment calls and record writes get threads of their own, as many as episodes run at once (asyncio's
+        # default pool holds only min(32, cpus + 4) threads).
+        executor = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="trials")
+        cleanup.callback(executor.shutdown, wait=False, cancel_futures=True)
         tasks = select_tasks(cfg, suite)
         fingerprint = suite.fingerprint(tasks)
         by_task = _check_resume(existing, fingerprint, cfg.run_name, path)
@@ -351,210 +352,176 @@ async def _run_locked(cfg, api_keys, actor, reflector, progress, out: Path, star
             build_reflector(cfg, api_key=api_keys.get("reflector"), meter=ledger) if reflector == "auto" else reflector
         )
         check_prices(cfg, actor, refl)
-        return await _loop(
-            cfg,
-            suite,
-            tasks,
-            fingerprint,
-            by_task,
-            existing,
-            actor,
-            refl,
-            metered,
-            ledger,
-            progress,
-            out,
-            start,
-            path,
-            executor,
-        )
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-        suite.close()
-
-
-async def _loop(
-    cfg,
-    suite,
-    tasks,
-    fingerprint,
-    by_task,
-    existing,
-    actor,
-    refl,
-    metered,
-    ledger,
-    progress,
-    out,
-    start,
-    path,
-    executor,
-) -> TrialsResult:
-    reflector_id = refl.reflector_id if refl is not None else "none"
-    stop = asyncio.Event()
-    breaker = _Breaker(cfg.max_consecutive_errors, stop)
-    if ledger.exceeded():
-        stop.set()
-    loop = asyncio.get_running_loop()
-
-    def needs_reflection(done: dict[int, EpisodeRecord], rec: EpisodeRecord) -> bool:
-        nxt = done.get(rec.trial + 1)
-        return (
-            refl is not None
-            and not rec.success
-            and rec.reflection is None
-            and rec.trial + 1 < cfg.trials
-            and (nxt is None or nxt.end_reason in ERRORED_END_REASONS)
-        )
-
-    todo = 0
-    for t in tasks:
-        done = by_task.get(t.task_id, {})
-        if any(r.success for r in done.values()) and cfg.stop_on_success:
-            continue
-        todo += sum(1 for i in range(cfg.trials) if _needs_run(done.get(i)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=todo, desc=f"trials {cfg.run_name}", unit="episode", leave=False)
-    sem = asyncio.Semaphore(cfg.concurrency)
-    new_records: list[EpisodeRecord] = []
-    writer = RecordWriter(path)
-
-    async def reflect(
-        task: Task, prompts, description, steps, outcome, reflections
-    ) -> tuple[Reflection | None, str | None]:
-        # The episode itself is valid either way; without its reflection the task waits for a rerun, which writes it.
-        try:
-            return await refl.reflect(prompts, description, steps, outcome, reflections), None
-        except LLMError as exc:
-            logger.warning("task %s: reflector failed: %s", task.task_id, exc)
-            return None, f"reflector: {exc}"
-        except BudgetExceeded as exc:
-            return None, f"reflection not written: {exc}"
-
-    async def save(record: EpisodeRecord) -> None:
-        # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
-        new_records.append(record)
-        if not metered[0]:
-            ledger.add("actor", actor.actor_id, record.actor_usage)
-        if not metered[1] and record.reflection is not None:
-            ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
-        breaker.observe(record)
+        reflector_id = refl.reflector_id if refl is not None else "none"
+        stop = asyncio.Event()
+        breaker = _Breaker(cfg.max_consecutive_errors, stop)
         if ledger.exceeded():
             stop.set()
-        # fsync takes milliseconds: off the event loop, so that other episodes keep running meanwhile.
-        await loop.run_in_executor(executor, writer.append, record)
+        loop = asyncio.get_running_loop()
 
-    async def attempt(task: Task, trial: int, reflections: list[str]) -> EpisodeRecord | None:
-        memory = memory_window(reflections, cfg.memory_size)
-        async with sem:
-            if stop.is_set():
-                return None
-            t0 = time.perf_counter()
-            result = await run_new_episode(suite, actor, task, memory, executor=executor)
-            reflection: Reflection | None = None
-            error = result.error
-            if refl is not None and result.end_reason not in ERRORED_END_REASONS and not result.outcome.success:
-                if trial + 1 < cfg.trials:
-                    reflection, error = await reflect(
-                        task, prompts_for(suite, task), result.description, result.steps, result.outcome, reflections
-                    )
-        record = EpisodeRecord(
-            run_name=cfg.run_name,
-            task_id=task.task_id,
-            trial=trial,
-            env_name=cfg.env.name,
-            env_version=suite.version,
-            seed=cfg.seed,
-            actor_id=actor.actor_id,
-            reflector_id=reflector_id,
-            actor_prompt_hash=actor.prompt_hash,
-            memory=memory,
-            steps=result.steps,
-            return_=result.outcome.return_,
-            success=result.outcome.success,
-            end_reason=result.end_reason,
-            metrics=dict(result.outcome.metrics),
-            num_invalid_actions=result.num_invalid_actions,
-            reflection=reflection,
-            actor_usage=result.usage,
-            error=error,
-            task_fingerprint=fingerprint,
-            wall_time_s=round(time.perf_counter() - t0, 4),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        await save(record)
-        if bar is not None:
-            bar.update(1)
-        return record
+        def needs_reflection(done: dict[int, EpisodeRecord], rec: EpisodeRecord) -> bool:
+            nxt = done.get(rec.trial + 1)
+            return (
+                refl is not None
+                and not rec.success
+                and rec.reflection is None
+                and rec.trial + 1 < cfg.trials
+                and (nxt is None or nxt.end_reason in ERRORED_END_REASONS)
+            )
 
-    async def add_reflection(task: Task, rec: EpisodeRecord, reflections: list[str]) -> EpisodeRecord | None:
-        """Write the reflection ``rec`` lacks, as a line that replaces it (its actor tokens were counted already)."""
-        async with sem:
-            if stop.is_set():
-                return None
-            t0 = time.perf_counter()
+        todo = 0
+        for t in tasks:
+            done = by_task.get(t.task_id, {})
+            if any(r.success for r in done.values()) and cfg.stop_on_success:
+                continue
+            todo += sum(1 for i in range(cfg.trials) if _needs_run(done.get(i)))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=todo, desc=f"trials {cfg.run_name}", unit="episode", leave=False)
+        sem = asyncio.Semaphore(cfg.concurrency)
+        new_records: list[EpisodeRecord] = []
+        writer = RecordWriter(path)
+
+        async def reflect(
+            task: Task, prompts, description, steps, outcome, reflections
+        ) -> tuple[Reflection | None, str | None]:
+            # The episode itself is valid either way; without its reflection the task waits for a rerun, which writes it.
             try:
-                description = await loop.run_in_executor(executor, _description_of, suite, task)
-            except (EnvError, OSError) as exc:
-                reflection, error = None, f"reflector: the environment failed to give the task description: {exc}"
-            else:
-                outcome = Outcome(rec.return_, rec.success, dict(rec.metrics))
-                prompts = prompts_for(suite, task)
-                reflection, error = await reflect(task, prompts, description, rec.steps, outcome, reflections)
-        record = dataclasses.replace(
-            rec,
-            reflection=reflection,
-            reflector_id=reflector_id,
-            error=None if reflection is not None else error,
-            actor_usage=Usage(),
-            wall_time_s=round(time.perf_counter() - t0, 4),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        await save(record)
-        return record
+                return await refl.reflect(prompts, description, steps, outcome, reflections), None
+            except LLMError as exc:
+                logger.warning("task %s: reflector failed: %s", task.task_id, exc)
+                return None, f"reflector: {exc}"
+            except BudgetExceeded as exc:
+                return None, f"reflection not written: {exc}"
 
-    async def run_task(task: Task) -> None:
-        done = by_task.get(task.task_id, {})
-        reflections: list[str] = []
-        for trial in range(cfg.trials):
-            if stop.is_set():
-                return
-            rec = done.get(trial)
-            if _needs_run(rec):
-                rec = await attempt(task, trial, reflections)
-            elif needs_reflection(done, rec):
-                rec = await add_reflection(task, rec, reflections)
-            if rec is None or rec.errored:
-                return  # stopped, or failed: a rerun re-attempts it
-            if rec.reflection is not None:
-                reflections.append(rec.reflection.text)
-            if cfg.stop_on_success and rec.success:
-                return
+        async def save(record: EpisodeRecord) -> None:
+            # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
+            new_records.append(record)
+            if not metered[0]:
+                ledger.add("actor", actor.actor_id, record.actor_usage)
+            if not metered[1] and record.reflection is not None:
+                ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
+            breaker.observe(record)
+            if ledger.exceeded():
+                stop.set()
+            # fsync takes milliseconds: off the event loop, so that other episodes keep running meanwhile.
+            await loop.run_in_executor(executor, writer.append, record)
 
-    try:
-        await asyncio.gather(*(run_task(t) for t in tasks))
-    finally:
-        writer.close()
-        if bar is not None:
-            bar.close()
-        for llm_owner in (getattr(actor, "llm", None), getattr(refl, "llm", None)):
-            if llm_owner is not None:
-                await llm_owner.aclose()
+        async def attempt(task: Task, trial: int, reflections: list[str]) -> EpisodeRecord | None:
+            memory = memory_window(reflections, cfg.memory_size)
+            async with sem:
+                if stop.is_set():
+                    return None
+                t0 = time.perf_counter()
+                result = await run_new_episode(suite, actor, task, memory, executor=executor)
+                reflection: Reflection | None = None
+                error = result.error
+                if refl is not None and result.end_reason not in ERRORED_END_REASONS and not result.outcome.success:
+                    if trial + 1 < cfg.trials:
+                        reflection, error = await reflect(
+                            task,
+                            prompts_for(suite, task),
+                            result.description,
+                            result.steps,
+                            result.outcome,
+                            reflections,
+                        )
+            record = EpisodeRecord(
+                run_name=cfg.run_name,
+                task_id=task.task_id,
+                trial=trial,
+                env_name=cfg.env.name,
+                env_version=suite.version,
+                seed=cfg.seed,
+                actor_id=actor.actor_id,
+                reflector_id=reflector_id,
+                actor_prompt_hash=actor.prompt_hash,
+                memory=memory,
+                steps=result.steps,
+                return_=result.outcome.return_,
+                success=result.outcome.success,
+                end_reason=result.end_reason,
+                metrics=dict(result.outcome.metrics),
+                num_invalid_actions=result.num_invalid_actions,
+                reflection=reflection,
+                actor_usage=result.usage,
+                error=error,
+                task_fingerprint=fingerprint,
+                wall_time_s=round(time.perf_counter() - t0, 4),
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )
+            await save(record)
+            if bar is not None:
+                bar.update(1)
+            return record
 
-    records = existing + new_records  # everything on disk now: what was there plus what this run appended
-    stopped_by_budget = stop.is_set() and breaker.message is None
-    result = TrialsResult(out, records, len(new_records), time.perf_counter() - start, stopped_by_budget)
-    result.stopped_by_errors = breaker.message
-    result.summary = summarize(records, cfg.trials, num_tasks=len(tasks))
-    result.summary["cost"] = ledger.summary()
-    result.summary["stopped_by_budget"] = stopped_by_budget
-    result.summary["stopped_by_errors"] = breaker.message
-    if cfg.export_dataset:
-        result.dataset_path = export_rated_reflections(records, dataset_path(out))
-    return result
+        async def add_reflection(task: Task, rec: EpisodeRecord, reflections: list[str]) -> EpisodeRecord | None:
+            """Write the reflection ``rec`` lacks, as a line that replaces it (its actor tokens were counted already)."""
+            async with sem:
+                if stop.is_set():
+                    return None
+                t0 = time.perf_counter()
+                try:
+                    description = await loop.run_in_executor(executor, _description_of, suite, task)
+                except (EnvError, OSError) as exc:
+                    reflection, error = None, f"reflector: the environment failed to give the task description: {exc}"
+                else:
+                    outcome = Outcome(rec.return_, rec.success, dict(rec.metrics))
+                    prompts = prompts_for(suite, task)
+                    reflection, error = await reflect(task, prompts, description, rec.steps, outcome, reflections)
+            record = dataclasses.replace(
+                rec,
+                reflection=reflection,
+                reflector_id=reflector_id,
+                error=None if reflection is not None else error,
+                actor_usage=Usage(),
+                wall_time_s=round(time.perf_counter() - t0, 4),
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )
+            await save(record)
+            return record
+
+        async def run_task(task: Task) -> None:
+            done = by_task.get(task.task_id, {})
+            reflections: list[str] = []
+            for trial in range(cfg.trials):
+                if stop.is_set():
+                    return
+                rec = done.get(trial)
+                if _needs_run(rec):
+                    rec = await attempt(task, trial, reflections)
+                elif needs_reflection(done, rec):
+                    rec = await add_reflection(task, rec, reflections)
+                if rec is None or rec.errored:
+                    return  # stopped, or failed: a rerun re-attempts it
+                if rec.reflection is not None:
+                    reflections.append(rec.reflection.text)
+                if cfg.stop_on_success and rec.success:
+                    return
+
+        try:
+            await asyncio.gather(*(run_task(t) for t in tasks))
+        finally:
+            writer.close()
+            if bar is not None:
+                bar.close()
+            for llm_owner in (getattr(actor, "llm", None), getattr(refl, "llm", None)):
+                if llm_owner is not None:
+                    await llm_owner.aclose()
+
+        records = existing + new_records  # everything on disk now: what was there plus what this run appended
+        stopped_by_budget = stop.is_set() and breaker.message is None
+        result = TrialsResult(out, records, len(new_records), time.perf_counter() - start, stopped_by_budget)
+        result.stopped_by_errors = breaker.message
+        result.summary = summarize(records, cfg.trials, num_tasks=len(tasks))
+        result.summary["cost"] = ledger.summary()
+        result.summary["stopped_by_budget"] = stopped_by_budget
+        result.summary["stopped_by_errors"] = breaker.message
+        if cfg.export_dataset:
+            result.dataset_path = export_rated_reflections(records, dataset_path(out))
+        return result
 
 
 def _description_of(suite: EnvSuite, task: Task) -> str:
