@@ -2,7 +2,8 @@
 
 The default prices are EXAMPLES, in US dollars per million tokens, copied from public price lists at one point in
 time; providers change them. Check them against your provider before trusting a dollar figure, and pass your own
-table (``CostLedger(prices=...)`` / ``usage_cost(..., prices=...)``) where they differ. Local models (in-process,
+table (``budget.prices`` in a trial config; ``CostLedger(prices=...)`` / ``usage_cost(..., prices=...)``) where they
+differ. Dated snapshots (``gpt-4o-mini-2024-07-18``) cost what their model costs. Local models (in-process,
 scripted, or served from a local address) cost 0; an unknown remote model costs 0 with a warning, once per model.
 """
 
@@ -82,7 +83,9 @@ def usage_cost(model_id: str, usage: Usage, prices: dict[str, Price] | None = No
                 _warned.add(model_id)
             if first:
                 logger.warning(
-                    "no price known for model %r; counting its tokens as $0 (pass a price table with it)", model_id
+                    "no price known for model %r; counting its tokens as $0 (give it a price in the trial config's "
+                    "budget.prices, e.g. {name: {prompt_per_m: 0.15, completion_per_m: 0.6}})",
+                    model_id,
                 )
         return 0.0
     return (usage.prompt_tokens * price.prompt_per_m + usage.completion_tokens * price.completion_per_m) / 1e6
