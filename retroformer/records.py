@@ -122,11 +122,13 @@ def effective_records(records: list[EpisodeRecord]) -> list[EpisodeRecord]:
     return list(last.values())
 
 
-def read_records(path: str | Path, repair: bool = True) -> list[EpisodeRecord]:
+def read_records(path: str | Path, repair: bool = True, skip_partial: bool = False) -> list[EpisodeRecord]:
     """All records of a file, history included (see :func:`effective_records`).
 
     A partial last line (crash mid-write, possibly inside a multi-byte character) is truncated away when ``repair``;
-    a whole last line that lacks its newline gets one, so that the next append starts a line of its own.
+    a whole last line that lacks its newline gets one, so that the next append starts a line of its own. Readers
+    that must not write (a report of a run that may be running) pass ``repair=False, skip_partial=True``: a partial
+    last line is then left alone and not returned.
     """
     p = Path(path)
     if not p.exists():
@@ -142,6 +144,8 @@ def read_records(path: str | Path, repair: bool = True) -> list[EpisodeRecord]:
                 data = json.loads(line.decode("utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 if is_last:  # no trailing newline: the write of this line was cut off
+                    if skip_partial and not repair:
+                        break
                     if not repair:
                         raise DataError(f"{p}:{number}: partial last line (a crash during a write?)") from None
                     logger.warning("%s:%d: dropping a partial last line left by an interrupted write", p, number)

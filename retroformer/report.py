@@ -115,7 +115,8 @@ def load_run(run: str | Path) -> tuple[str, dict[str, Any]]:
     trials = None
     if config_path(run).is_file():
         trials = int(read_yaml(config_path(run)).get("trials", 0)) or None
-    records = read_records(records_path(run))
+    # Read only: the run may be running, and its last line may be in the middle of being written.
+    records = read_records(records_path(run), repair=False, skip_partial=True)
     if not records:
         raise DataError(f"{records_path(run)} holds no episodes yet; run the trials first")
     # The run's own task list, so tasks a stopped run never reached count as unsolved (older runs: tasks with records).

@@ -409,3 +409,15 @@ def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path, monkeypatch, 
     assert cli_main(["trials"]) == 130
     err = capsys.readouterr().err
     assert "run the same command again to resume" in err and "Traceback" not in err
+
+
+def test_a_report_never_writes_to_the_records_of_a_run(tmp_path):
+    from retroformer.report import load_run
+
+    res = finished_run(tmp_path)
+    path = records_path(res.run_dir)
+    lines = path.read_bytes().splitlines(keepends=True)
+    damaged = b"".join(lines[:-1]) + lines[-1][:40]  # a line being written while the report reads
+    path.write_bytes(damaged)
+    _, summary = load_run(res.run_dir)
+    assert summary["num_episodes"] == 3 and path.read_bytes() == damaged
