@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import yaml
@@ -279,16 +278,17 @@ def test_raising_trials_writes_the_missing_reflection_before_the_next_trial(tmp_
 
 
 def test_environment_calls_run_as_concurrently_as_the_run_allows(tmp_path, monkeypatch):
-    lock = threading.Lock()
+    cond = threading.Condition()
     state = {"now": 0, "max": 0}
 
     class SlowVault(VaultEnv):
         def reset(self, task):
-            with lock:
+            # Each reset waits (up to 5 s) until all 16 are in flight at once: a pool that is too small never gets there.
+            with cond:
                 state["now"] += 1
                 state["max"] = max(state["max"], state["now"])
-            time.sleep(0.3)
-            with lock:
+                cond.notify_all()
+                cond.wait_for(lambda: state["max"] >= 16, timeout=5)
                 state["now"] -= 1
             return super().reset(task)
 
