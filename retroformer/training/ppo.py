@@ -620,11 +620,12 @@ def check_inputs(cfg: PPORunConfig) -> tuple[list[str], list[dict[str, Any]]]:
     return load_prompts(cfg)
 
 
-def run(cfg: PPORunConfig, api_key: str | None = None) -> dict[str, Any]:
+def run(cfg: PPORunConfig, api_key: str | None = None, sources: dict[str, str] | None = None) -> dict[str, Any]:
     """The whole stage: check, load, train with ``cfg.algorithm``, save adapter + tokenizer + config + metrics.
 
     ``api_key``: for ``reward_source: env`` with an actor behind an OpenAI-compatible API, that endpoint's key (the
-    script reads it from the environment variable the trial run's ``actor.llm.api_key_env`` names).
+    script reads it from the environment variable the trial run's ``actor.llm.api_key_env`` names). ``sources``
+    (where config values came from) heads the saved config.
     """
     from retroformer.training.common import log_config, write_metrics
     from retroformer.training.rewards import build_reward_source
@@ -633,7 +634,7 @@ def run(cfg: PPORunConfig, api_key: str | None = None) -> dict[str, Any]:
     prompts, rows = check_inputs(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir / "config.yaml")
+    save_config(cfg, output_dir / "config.yaml", sources)
     reward = build_reward_source(cfg, api_key=api_key)
     try:
         if cfg.algorithm == "ppo":

@@ -469,12 +469,14 @@ def save_reward_model(trainer, cfg: RewardStageConfig) -> None:
     (out / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def run_reward(cfg: RewardStageConfig) -> dict[str, Any]:
-    """Train the reward model, evaluate on held-out tasks, save model, config and ``metrics.json``. Returns metrics."""
+def run_reward(cfg: RewardStageConfig, sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train the reward model, evaluate on held-out tasks, save model, config and ``metrics.json``. Returns metrics.
+
+    ``sources`` (where config values came from) heads the saved config."""
     log_config(cfg, "reward")
     trainer, data = build_reward_trainer(cfg)
     if trainer.is_world_process_zero():
-        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE)
+        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE, sources)
 
     resume = resume_checkpoint(cfg.output_dir)
     start = time.perf_counter()

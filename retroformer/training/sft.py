@@ -207,15 +207,16 @@ def build_sft_trainer(cfg: SFTStageConfig):
     return trainer, info
 
 
-def run_sft(cfg: SFTStageConfig) -> dict[str, Any]:
+def run_sft(cfg: SFTStageConfig, sources: dict[str, str] | None = None) -> dict[str, Any]:
     """Train the LoRA adapter; write adapter, tokenizer, ``sft_config.yaml`` and ``metrics.json`` to ``output_dir``.
 
-    Resumes from the last ``checkpoint-N`` in ``output_dir`` if there is one. Returns the metrics.
+    Resumes from the last ``checkpoint-N`` in ``output_dir`` if there is one. Returns the metrics. ``sources`` (where
+    config values came from; see :func:`retroformer.config.resolve_config`) heads the saved config.
     """
     log_config(cfg, "sft")
     trainer, info = build_sft_trainer(cfg)
     if trainer.is_world_process_zero():
-        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE)
+        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE, sources)
 
     resume = resume_checkpoint(cfg.output_dir)
     start = time.perf_counter()
