@@ -18,9 +18,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from retroformer.config import resolve_config
+from retroformer.config import resolve_config, to_dict
 from retroformer.errors import ConfigError, RetroformerError
 from retroformer.records import config_path
+from retroformer.tracking import TENSORBOARD_DIR, Trackers, check_report_to, parse_report_to
 
 logger = logging.getLogger("retroformer")
 
@@ -70,13 +71,14 @@ def actor_api_key(run_dir: str | None) -> str | None:
 
 
 def cmd_trials(argv: list[str]) -> int:
-    from retroformer.config import save_config, to_dict
+    from retroformer.config import save_config
     from retroformer.report import format_summary
     from retroformer.trials import TrialsConfig, run_trials
 
     cfg, sources = resolve_config(TrialsConfig, argv, prog="retroformer trials", env_defaults=trials_env_defaults)
     check_actor_model(cfg, sources)
     fill_env_paths(cfg, sources)
+    check_report_to(cfg.report_to)  # a tracker that is not installed fails before the run
     copy_data = cfg.training_data and cfg.data_dir is not None and cfg.export_dataset
     if copy_data:  # fail before the run, not after it
         check_writable_dir(Path(cfg.data_dir), "data_dir")
@@ -94,6 +96,7 @@ def cmd_trials(argv: list[str]) -> int:
         f"{result.wall_time_s:.1f} s)"
     )
     save_config(cfg, config_path(result.run_dir), sources)  # the same config, with where values came from
+    report_trials(cfg, result)
     if result.dataset_path is not None:
         print(f"rated reflections: {result.dataset_path}")
         if copy_data:
@@ -282,6 +285,41 @@ def copy_training_data(cfg, dataset: Path, run_config: Path) -> Path:
     if run_config.is_file():
         shutil.copyfile(run_config, target / "trials_config.yaml")
     return target
+
+
+def report_trials(cfg, result) -> None:
+    """Send a trials run's success per trial (cumulative and per attempt), its tokens per trial and its total cost to
+    the trackers of ``cfg.report_to``, at step = trial index; TensorBoard: ``<run>/tensorboard/trials``."""
+    if not parse_report_to(cfg.report_to):
+        return
+    s = result.summary
+    tokens = [0] * s["trials"]
+    for r in result.records:
+        if 0 <= r.trial < len(tokens):
+            tokens[r.trial] += r.actor_usage.prompt_tokens + r.actor_usage.completion_tokens
+            if r.reflection is not None:
+                tokens[r.trial] += r.reflection.usage.prompt_tokens + r.reflection.usage.completion_tokens
+    trackers = Trackers(cfg.report_to, "trials", Path(result.run_dir) / TENSORBOARD_DIR, to_dict(cfg))
+    try:
+        for i in range(s["trials"]):
+            values = {
+                "trials/cumulative_success": s["cumulative_success"][i],
+                "trials/per_attempt_success": s["per_attempt_success"][i],
+                "trials/mean_rating_after_trial": s["mean_rating_after_trial"][i],
+                "trials/episodes": s["episodes_per_trial"][i],
+                "trials/tokens": tokens[i],
+            }
+            trackers.log({k: v for k, v in values.items() if v is not None}, step=i)
+        cost = s.get("cost") or {}
+        trackers.log(
+            {
+                "trials/total_tokens": cost.get("total_tokens", sum(tokens)),
+                "trials/total_usd": cost.get("total_usd", 0.0),
+            },
+            step=s["trials"] - 1,
+        )
+    finally:
+        trackers.finish()
 
 
 def run_stage_script(main, argv: list[str] | None = None) -> int:

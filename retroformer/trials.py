@@ -97,6 +97,11 @@ class TrialsConfig:
     training_data: bool = doc(
         "copy this run's rated reflections to <data_dir>/rated_reflections (evaluation recipes set false)", True
     )
+    report_to: str = doc(
+        "experiment tracker(s) for success per trial (cumulative, per attempt) and cost, comma-separated: none, "
+        "tensorboard (<run>/tensorboard/trials), wandb, ...",
+        "none",
+    )
     env: EnvSection = doc("environment", default_factory=EnvSection)
     actor: ActorSection = doc("actor", default_factory=ActorSection)
     reflector: ReflectorSection = doc("retrospective model", default_factory=ReflectorSection)

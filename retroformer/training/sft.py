@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retroformer.config import doc, save_config
+from retroformer.config import doc, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
+from retroformer.tracking import trainer_callback
 from retroformer.training.common import (
     LoraSettings,
     TrainerSettings,
@@ -198,6 +199,9 @@ def build_sft_trainer(cfg: SFTStageConfig):
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg.lora, task_type="CAUSAL_LM"),
     )
+    callback = trainer_callback(cfg.report_to, "sft", cfg.output_dir, to_dict(cfg))
+    if callback is not None:
+        trainer.add_callback(callback)
     info = {
         "sft/num_examples": len(examples),
         "sft/num_rated_rows": num_rated,
