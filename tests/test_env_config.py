@@ -187,7 +187,7 @@ def test_paper_recipes_take_the_actor_model_from_openai_model(recipe, monkeypatc
 
 def test_openai_model_reaches_the_server_and_the_records(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_MODEL", "env-actor-model")
-    monkeypatch.setenv("FAKE_KEY", "k")
+    monkeypatch.setenv("FAKE_KEY", "sk-SENTINEL-env-config-3b9d")
     server = FakeOpenAIServer(reply=vault_reply)
     with server as url:
         recipe = {
@@ -202,7 +202,8 @@ def test_openai_model_reaches_the_server_and_the_records(tmp_path, monkeypatch):
     assert records and all("env-actor-model" in r.actor_id for r in records)
     written = tmp_path / "runs" / "r" / "trials" / "config.yaml"
     assert read_sources(written)["actor.llm.model"] == ".env OPENAI_MODEL"
-    assert "FAKE_KEY" in written.read_text() and "\nk\n" not in written.read_text()
+    assert "FAKE_KEY" in written.read_text()  # the key is named, never written
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and b"SENTINEL" in p.read_bytes()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_bare_three_command_workflow_from_dot_env(tmp_path, tiny_models):
     work, ckpt, data = tmp_path / "work", tmp_path / "ckpt", tmp_path / "data"
     for d in (work, ckpt, data):
         d.mkdir()
-    (work / ".env").write_text(f"CKPT_DIR={ckpt}\nDATA_DIR={data}\n")
+    (work / ".env").write_text(f"CKPT_DIR={ckpt}\nDATA_DIR={data}\nOPENAI_API_KEY=sk-SENTINEL-bare-5c1e\n")
 
     # Before any data: the script says what is missing (exit code 2, no traceback).
     out = run_script([str(ROOT / "sft_run.py")], work)
@@ -290,5 +291,7 @@ def test_bare_three_command_workflow_from_dot_env(tmp_path, tiny_models):
     }
     ppo_sources = read_sources(ckpt / "ppo" / "config.yaml")
     assert ppo_sources["sft_adapter"] == ".env CKPT_DIR (sft/)" and ppo_sources["reward_model"].startswith(".env")
+    written = [p for d in (ckpt, data, tmp_path / "runs") for p in d.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if b"SENTINEL" in p.read_bytes()]  # no secret in any output
     ppo_cfg = yaml.safe_load((ckpt / "ppo" / "config.yaml").read_text())
     assert ppo_cfg["sft_adapter"] == str(ckpt / "sft") and ppo_cfg["reward_model"] == str(ckpt / "reward")
