@@ -38,16 +38,18 @@ def make_parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from retroformer.cli import actor_api_key, load_env_file
-    from retroformer.config import load_config
+    from retroformer.cli import actor_api_key, load_env_file, load_stage_config
     from retroformer.training.common import setup_logging
     from retroformer.training.ppo import PPORunConfig, run
 
     load_env_file()
     setup_logging()
-    cfg = load_config(PPORunConfig, argv, prog="ppo_run.py")
-    return run(cfg, api_key=actor_api_key(cfg.env_run_dir) if cfg.reward_source == "env" else None)
+    cfg, sources = load_stage_config(PPORunConfig, argv, prog="ppo_run.py", stage="ppo")
+    api_key = actor_api_key(cfg.env_run_dir) if cfg.reward_source == "env" else None
+    return run(cfg, api_key=api_key, sources=sources)
 
 
 if __name__ == "__main__":
-    main()
+    from retroformer.cli import run_stage_script
+
+    raise SystemExit(run_stage_script(main))

@@ -21,16 +21,17 @@ def make_parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from retroformer.cli import load_env_file
-    from retroformer.config import load_config
+    from retroformer.cli import load_env_file, load_stage_config
     from retroformer.training.common import setup_logging
     from retroformer.training.sft import SFTStageConfig, run_sft
 
-    load_env_file()  # HF_TOKEN, tracker keys, ...: from .env, never from the library
+    load_env_file()  # CKPT_DIR, DATA_DIR, HF_TOKEN, tracker keys, ...: from .env, never from the library
     setup_logging()
-    cfg = load_config(SFTStageConfig, argv, prog="sft_run.py")
-    return run_sft(cfg)
+    cfg, sources = load_stage_config(SFTStageConfig, argv, prog="sft_run.py", stage="sft")
+    return run_sft(cfg, sources=sources)
 
 
 if __name__ == "__main__":
-    main()
+    from retroformer.cli import run_stage_script
+
+    raise SystemExit(run_stage_script(main))

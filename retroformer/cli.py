@@ -14,9 +14,14 @@ import argparse
 import importlib
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
-from retroformer.errors import RetroformerError
+from retroformer.config import resolve_config, to_dict
+from retroformer.errors import ConfigError, RetroformerError
+from retroformer.records import config_path
+from retroformer.tracking import TENSORBOARD_DIR, Trackers, check_report_to, parse_report_to
 
 logger = logging.getLogger("retroformer")
 
@@ -70,13 +75,19 @@ def actor_api_key(run_dir: str | None) -> str | None:
 
 
 def cmd_trials(argv: list[str]) -> int:
-    from retroformer.config import load_config, to_dict
+    from retroformer.config import save_config
     from retroformer.report import format_summary
     from retroformer.trials import TrialsConfig, run_trials
 
-    cfg = load_config(TrialsConfig, argv, prog="retroformer trials")
-    fill_env_paths(cfg)
+    cfg, sources = resolve_config(TrialsConfig, argv, prog="retroformer trials", env_defaults=trials_env_defaults)
+    check_actor_model(cfg, sources)
+    fill_env_paths(cfg, sources)
+    check_report_to(cfg.report_to)  # a tracker that is not installed fails before the run
+    copy_data = cfg.training_data and cfg.data_dir is not None and cfg.export_dataset
+    if copy_data:  # fail before the run, not after it
+        check_writable_dir(Path(cfg.data_dir), "data_dir")
     logger.info("config: %s", to_dict(cfg))
+    logger.info("where values came from: %s", sources)
     # Each role gets the key named by its own api_key_env, so a key is never sent to another role's server.
     keys = {
         role: api_key_for(section.llm.key_env()) if section.llm.backend == "openai" else None
@@ -88,8 +99,12 @@ def cmd_trials(argv: list[str]) -> int:
         f"records: {result.run_dir / 'trials' / 'episodes.jsonl'} ({result.new_episodes} new episodes, "
         f"{result.wall_time_s:.1f} s)"
     )
+    save_config(cfg, config_path(result.run_dir), sources)  # the same config, with where values came from
+    report_trials(cfg, result)
     if result.dataset_path is not None:
         print(f"rated reflections: {result.dataset_path}")
+        if copy_data:
+            print(f"training data: {copy_training_data(cfg, result.dataset_path, config_path(result.run_dir))}")
     if result.stopped_by_budget:
         print("stopped early: the token/cost budget was reached; finished episodes are kept")
     if result.stopped_by_errors:
@@ -98,20 +113,139 @@ def cmd_trials(argv: list[str]) -> int:
     return 0
 
 
-def fill_env_paths(cfg) -> None:
-    """Machine paths named in .env fill environment options the recipe leaves unset."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Values from .env. The precedence of every command: command line > YAML recipe > .env > built-in default.
+
+#: Where the three training stages write, below CKPT_DIR; and where a stage looks for the previous stage's output.
+STAGE_DIRS = {"sft": "sft", "reward": "reward", "ppo": "ppo"}
+#: The base retrospective model the stages start from when nothing else names one: a directory (or a link to one).
+BASE_MODEL_DIR = "base"
+#: Where `retroformer trials` copies a run's rated reflections below DATA_DIR, and where the stages read them.
+RATED_REFLECTIONS_DIR = "rated_reflections"
+#: Environment data below DATA_DIR, looked for when HOTPOTQA_DATA / ALFWORLD_DATA are unset.
+HOTPOTQA_FILES = {"validation": "hotpotqa/hotpot_dev_distractor_v1.json", "train": "hotpotqa/hotpot_train_v1.1.json"}
+ALFWORLD_DIR = "alfworld"
+
+
+def check_writable_dir(path: Path, field_name: str) -> None:
+    """A ConfigError unless ``path`` is an existing, writable directory."""
+    if not path.is_dir():
+        raise ConfigError(f"{field_name}={str(path)!r} is not an existing directory; create it or fix {field_name}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field_name}={str(path)!r} is not writable; fix its permissions or choose another folder")
+
+
+def env_dir(name: str, writable: bool = False) -> Path | None:
+    """The directory the variable ``name`` (CKPT_DIR, DATA_DIR) names, or None when it is unset or empty.
+
+    A ConfigError, before any model is loaded, when it does not exist, is not a directory, or (``writable``) cannot be
+    written to.
+    """
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    where = f"{name}={value!r} (from .env or the environment)"
+    if not path.exists():
+        raise ConfigError(f"{where} does not exist; create the directory (mkdir -p {value}) or fix {name} in .env")
+    if not path.is_dir():
+        raise ConfigError(f"{where} is a file, expected a directory; point {name} in .env at a directory")
+    if writable and not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where} is not writable; fix its permissions or point {name} in .env elsewhere")
+    return path
+
+
+def stage_env_defaults(stage: str) -> tuple[dict[str, tuple[object, str]], dict[str, str]]:
+    """What CKPT_DIR and DATA_DIR supply to a training stage (``sft``, ``reward``, ``ppo``), and hints for the fields
+    still missing. Layout: ``$CKPT_DIR/{base,sft,reward,ppo}``, ``$DATA_DIR/rated_reflections``."""
+    ckpt = env_dir("CKPT_DIR", writable=True)
+    data = env_dir("DATA_DIR")
+    defaults: dict[str, tuple[object, str]] = {
+        "model": (None, ""),
+        "dataset": (None, ""),
+        "output_dir": (None, ""),
+    }
+    if ckpt is not None:
+        base = ckpt / BASE_MODEL_DIR
+        if base.exists():
+            defaults["model"] = (str(base), f".env CKPT_DIR ({BASE_MODEL_DIR}/)")
+        defaults["output_dir"] = (str(ckpt / STAGE_DIRS[stage]), f".env CKPT_DIR ({STAGE_DIRS[stage]}/)")
+        if stage == "ppo":
+            sft = ckpt / STAGE_DIRS["sft"]
+            # Start from the SFT adapter when stage 1 wrote one there; otherwise PPO starts from a fresh adapter.
+            ok = (sft / "adapter_config.json").is_file()
+            defaults["sft_adapter"] = (str(sft) if ok else None, f".env CKPT_DIR ({STAGE_DIRS['sft']}/)")
+            defaults["reward_model"] = (str(ckpt / STAGE_DIRS["reward"]), f".env CKPT_DIR ({STAGE_DIRS['reward']}/)")
+    if data is not None:
+        defaults["dataset"] = ([str(data / RATED_REFLECTIONS_DIR)], f".env DATA_DIR ({RATED_REFLECTIONS_DIR}/)")
+    hints = {
+        "model": f", or put the base retrospective model (or a link to it) at $CKPT_DIR/{BASE_MODEL_DIR} with "
+        "CKPT_DIR in .env" + ("" if ckpt is None else f" (CKPT_DIR={str(ckpt)!r} has no {BASE_MODEL_DIR}/)"),
+        "dataset": f", or set DATA_DIR in .env: `retroformer trials` copies its rated reflections to "
+        f"$DATA_DIR/{RATED_REFLECTIONS_DIR}",
+        "output_dir": f", or set CKPT_DIR in .env (this stage then writes $CKPT_DIR/{STAGE_DIRS[stage]})",
+    }
+    return defaults, hints
+
+
+def load_stage_config(cls, argv: list[str] | None, prog: str, stage: str):
+    """A training stage's config with .env defaults under the recipe and the command line; returns (cfg, sources)."""
+    defaults, hints = stage_env_defaults(stage)
+    cfg, sources = resolve_config(cls, argv, prog=prog, env_defaults=defaults, missing_hints=hints)
+    logger.info("%s: where values came from: %s", prog, sources)
+    # What .env pointed at must exist; say which earlier step writes it (before any model is loaded).
+    if sources.get("dataset", "").startswith(".env") and not Path(cfg.dataset[0]).is_dir():
+        raise ConfigError(
+            f"no rated reflections at {cfg.dataset[0]} (DATA_DIR from .env): run `retroformer trials --config "
+            "<collect recipe>` with DATA_DIR set first (it copies the run's rated reflections there), or pass --dataset"
+        )
+    needs_rm = getattr(cfg, "reward_source", None) == "rm"
+    if needs_rm and sources.get("reward_model", "").startswith(".env") and not Path(cfg.reward_model).is_dir():
+        raise ConfigError(
+            f"no reward model at {cfg.reward_model} (CKPT_DIR from .env): run `python reward_run.py` first, pass "
+            "--reward_model, or use --reward_source env --env_run_dir runs/<run>"
+        )
+    return cfg, sources
+
+
+def trials_env_defaults(data: dict) -> dict[str, tuple[object, str]]:
+    """What .env supplies to `retroformer trials`, given the recipe and command-line values: the actor's model
+    (OPENAI_MODEL, for an OpenAI-compatible actor) and the data folder (DATA_DIR)."""
+    out: dict[str, tuple[object, str]] = {}
+    actor = data.get("actor") or {}
+    if actor.get("kind", "react") == "react" and (actor.get("llm") or {}).get("backend") == "openai":
+        out["actor.llm.model"] = (os.environ.get("OPENAI_MODEL") or None, ".env OPENAI_MODEL")
+    data_dir = env_dir("DATA_DIR")
+    out["data_dir"] = (None if data_dir is None else str(data_dir), ".env DATA_DIR")
+    return out
+
+
+def fill_env_paths(cfg, sources: dict[str, str] | None = None) -> None:
+    """Machine paths from .env fill environment options the recipe leaves unset (null or absent).
+
+    HotPotQA and ALFWorld: their own variable (HOTPOTQA_DATA, ALFWORLD_DATA) first, then the files below the run's
+    ``data_dir`` (DATA_DIR in .env): ``hotpotqa/hotpot_dev_distractor_v1.json`` (``hotpot_train_v1.1.json`` for
+    ``split: train``) and ``alfworld/`` (the folder holding json_2.1.1/). ``sources`` records where each came from.
+    """
+    sources = {} if sources is None else sources
     opts = cfg.env.options
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     if cfg.env.name == "webshop" and opts.get("url") is None and os.environ.get("WEBSHOP_URL"):
         opts["url"] = os.environ["WEBSHOP_URL"]
-    if cfg.env.name == "alfworld" and opts.get("data_path") is None and os.environ.get("ALFWORLD_DATA"):
-        opts["data_path"] = os.environ["ALFWORLD_DATA"]
-    if (
-        cfg.env.name == "hotpotqa"
-        and opts.get("data_path") is None
-        and opts.get("hub_dataset") is None
-        and os.environ.get("HOTPOTQA_DATA")
-    ):
-        opts["data_path"] = os.environ["HOTPOTQA_DATA"]
+        sources["env.options.url"] = ".env WEBSHOP_URL"
+    if cfg.env.name == "alfworld" and opts.get("data_path") is None:
+        if os.environ.get("ALFWORLD_DATA"):
+            opts["data_path"] = os.environ["ALFWORLD_DATA"]
+            sources["env.options.data_path"] = ".env ALFWORLD_DATA"
+        elif data_dir is not None:
+            _fill_from_data_dir(opts, data_dir / ALFWORLD_DIR, "the shipped fixture games", sources)
+    if cfg.env.name == "hotpotqa" and opts.get("data_path") is None and opts.get("hub_dataset") is None:
+        if os.environ.get("HOTPOTQA_DATA"):
+            opts["data_path"] = os.environ["HOTPOTQA_DATA"]
+            sources["env.options.data_path"] = ".env HOTPOTQA_DATA"
+        elif data_dir is not None and opts.get("split", "validation") in HOTPOTQA_FILES:
+            target = data_dir / HOTPOTQA_FILES[opts.get("split", "validation")]
+            _fill_from_data_dir(opts, target, "the fictional fixture questions", sources)
     # The environment's name and options are checked first, so that a typo there is reported before model paths (which
     # the trial loop checks next) and before any model loads.
     from retroformer.config import from_dict
@@ -120,6 +254,89 @@ def fill_env_paths(cfg) -> None:
     env_class = get_env_class(cfg.env.name)
     if opts:
         from_dict(env_class.Config, opts, where="env.options")
+
+
+def _fill_from_data_dir(opts: dict, target: Path, fallback: str, sources: dict[str, str]) -> None:
+    if target.exists():
+        opts["data_path"] = str(target)
+        sources["env.options.data_path"] = f"data_dir ({target})"
+    else:
+        logger.warning("no environment data at %s (below data_dir / DATA_DIR); using %s", target, fallback)
+
+
+def check_actor_model(cfg, sources: dict[str, str]) -> None:
+    """An OpenAI-compatible actor needs a model name: from the command line, the recipe or OPENAI_MODEL."""
+    if cfg.actor.kind == "react" and cfg.actor.llm.backend == "openai" and sources.get("actor.llm.model") == "default":
+        raise ConfigError(
+            "actor.llm.model is not set for the OpenAI-compatible actor: set OPENAI_MODEL in .env (e.g. "
+            "OPENAI_MODEL=gpt-4o-mini), actor.llm.model in the recipe, or pass --actor.llm.model"
+        )
+
+
+def copy_training_data(cfg, dataset: Path, run_config: Path) -> Path:
+    """Copy a run's rated reflections to ``<data_dir>/rated_reflections`` (with the run's config beside them), where
+    the training stages look by default. An existing copy is replaced; anything else there is an error."""
+    target = Path(cfg.data_dir) / RATED_REFLECTIONS_DIR
+    if target.exists():
+        if not target.is_dir() or not (target / "dataset_info.json").is_file():
+            raise ConfigError(
+                f"{target} exists and is not a rated-reflection dataset written by `retroformer trials`; move it away "
+                "or set data_dir / DATA_DIR to another folder"
+            )
+        previous = target / "trials_config.yaml"
+        logger.warning(
+            "replacing the rated reflections in %s (from %s)", target, previous if previous.is_file() else "?"
+        )
+        shutil.rmtree(target)
+    shutil.copytree(dataset, target)
+    if run_config.is_file():
+        shutil.copyfile(run_config, target / "trials_config.yaml")
+    return target
+
+
+def report_trials(cfg, result) -> None:
+    """Send a trials run's success per trial (cumulative and per attempt), its tokens per trial and its total cost to
+    the trackers of ``cfg.report_to``, at step = trial index; TensorBoard: ``<run>/tensorboard/trials``."""
+    if not parse_report_to(cfg.report_to):
+        return
+    s = result.summary
+    tokens = [0] * s["trials"]
+    for r in result.records:
+        if 0 <= r.trial < len(tokens):
+            tokens[r.trial] += r.actor_usage.prompt_tokens + r.actor_usage.completion_tokens
+            if r.reflection is not None:
+                tokens[r.trial] += r.reflection.usage.prompt_tokens + r.reflection.usage.completion_tokens
+    trackers = Trackers(cfg.report_to, "trials", Path(result.run_dir) / TENSORBOARD_DIR, to_dict(cfg))
+    try:
+        for i in range(s["trials"]):
+            values = {
+                "trials/cumulative_success": s["cumulative_success"][i],
+                "trials/per_attempt_success": s["per_attempt_success"][i],
+                "trials/mean_rating_after_trial": s["mean_rating_after_trial"][i],
+                "trials/episodes": s["episodes_per_trial"][i],
+                "trials/tokens": tokens[i],
+            }
+            trackers.log({k: v for k, v in values.items() if v is not None}, step=i)
+        cost = s.get("cost") or {}
+        trackers.log(
+            {
+                "trials/total_tokens": cost.get("total_tokens", sum(tokens)),
+                "trials/total_usd": cost.get("total_usd", 0.0),
+            },
+            step=s["trials"] - 1,
+        )
+    finally:
+        trackers.finish()
+
+
+def run_stage_script(main, argv: list[str] | None = None) -> int:
+    """Run a stage script's ``main``; a :class:`RetroformerError` (bad config, missing data) is printed, exit code 2."""
+    try:
+        main(argv)
+    except RetroformerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_tiny_models(argv: list[str]) -> int:

@@ -2,20 +2,23 @@
 
 Every command's config is a (possibly nested) dataclass whose fields carry ``metadata={"help": ...}``. A command is
 run as ``--config recipe.yaml`` plus ``--section.field value`` overrides; :func:`make_parser` builds the parser with
-one documented flag per leaf field, and :func:`load_config` merges defaults < YAML < CLI and validates. Nested
-sections validate themselves in ``__post_init__`` so bad values fail before any model is loaded.
+one documented flag per leaf field, and :func:`load_config` merges defaults < ``.env`` < YAML < CLI and validates.
+Nested sections validate themselves in ``__post_init__`` so bad values fail before any model is loaded.
 
 The library never reads the environment here: secrets are named by config (e.g. ``api_key_env``) and read by the
-scripts, which load ``.env``.
+scripts, which load ``.env``. Values that ``.env`` supplies (``CKPT_DIR``, ``DATA_DIR``, ``OPENAI_MODEL``) reach
+:func:`resolve_config` as ``env_defaults`` from the scripts; it reports where each of them came from.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,9 +120,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion."""
-    data = dict(data or {})
+def _reject_unknown_keys(cls: type, data: dict[str, Any], where: str = "") -> None:
+    """A ConfigError naming the first key of ``data`` (nested sections included) that ``cls`` has no field for."""
     hints = _resolved_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
@@ -137,6 +139,17 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
             f"unknown config key {prefix}{key!r} for {cls.__name__}.{_suggest(key, list(fields))} "
             f"Valid keys: {', '.join(sorted(fields))}"
         )
+    for name, value in data.items():
+        base, _ = _unwrap_optional(hints[name])
+        if _is_dataclass_type(base) and isinstance(value, dict):
+            _reject_unknown_keys(base, value, f"{where}.{name}" if where else name)
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion."""
+    data = dict(data or {})
+    hints = _resolved_hints(cls)
+    _reject_unknown_keys(cls, data, where)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp = hints[name]
@@ -161,10 +174,35 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML. Configs hold no secrets: keys are named by ``*_env`` fields only."""
+#: The precedence of every command, as written in the header of a saved config.
+PRECEDENCE = "command line > YAML recipe > .env > built-in default"
+
+
+def save_config(cfg: Any, path: str | Path, sources: dict[str, str] | None = None) -> None:
+    """Write the resolved config as YAML. Configs hold no secrets: keys are named by ``*_env`` fields only.
+
+    ``sources`` (from :func:`resolve_config`: dotted field -> where its value came from) is written as a comment
+    header, so the file still reads back as a recipe.
+    """
+    header = ""
+    if sources:
+        lines = [f"# where values came from ({PRECEDENCE}):"]
+        lines += [f"#   {name}: {origin}" for name, origin in sources.items()]
+        header = "\n".join(lines) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def read_sources(path: str | Path) -> dict[str, str]:
+    """The ``sources`` header of a config written by :func:`save_config` (empty when it has none)."""
+    out: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        name, sep, origin = line[1:].strip().partition(": ")
+        if sep and not name.startswith("where values came from"):
+            out[name] = origin
+    return out
 
 
 def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
@@ -241,8 +279,36 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _has_dotted(data: dict[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def load_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> T:
     """Parse ``argv`` (``--config`` + overrides) into a validated ``cls``."""
+    return resolve_config(cls, argv, prog)[0]
+
+
+def resolve_config(
+    cls: type[T],
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    env_defaults: dict[str, tuple[Any, str]] | Callable[[dict[str, Any]], dict[str, tuple[Any, str]]] | None = None,
+    missing_hints: dict[str, str] | None = None,
+) -> tuple[T, dict[str, str]]:
+    """Parse ``argv`` into a validated ``cls`` with the precedence command line > YAML recipe > .env > default.
+
+    ``env_defaults`` maps a dotted field to ``(value, origin)``, e.g. ``{"output_dir": ("/ckpt/sft", ".env
+    CKPT_DIR")}``, or a function of the recipe and command-line values merged (for defaults that depend on them): the
+    value is used where neither the command line nor the recipe sets the field (a recipe that writes the key, even as
+    null, sets it). Returns the config and, for every field named in ``env_defaults``, where
+    its value came from: ``command line``, ``recipe <path>``, the origin given, or ``default``. ``missing_hints``
+    (field -> how to supply it) extends the error for a required field that nothing set.
+    """
     parser = make_parser(cls, prog=prog, description=cls.__doc__)
     args, rest = parser.parse_known_args(argv)
     if rest:
@@ -250,7 +316,41 @@ def load_config(cls: type[T], argv: list[str] | None = None, prog: str | None = 
         bad = rest[0].lstrip("-").split("=")[0]
         raise ConfigError(f"unknown option {rest[0]!r}.{_suggest(bad, flags)} Run with --help to list every option.")
     data = read_yaml(args.config) if args.config else {}
-    for key, value in vars(args).items():
-        if key.startswith("override__"):
-            _set_dotted(data, key[len("override__") :], value)
-    return from_dict(cls, data)
+    cli = {key[len("override__") :]: value for key, value in vars(args).items() if key.startswith("override__")}
+    if callable(env_defaults):
+        merged = copy.deepcopy(data)
+        for name, value in cli.items():
+            _set_dotted(merged, name, value)
+        env_defaults = env_defaults(merged)
+    sources: dict[str, str] = {}
+    for name, (value, origin) in (env_defaults or {}).items():
+        if name in cli:
+            sources[name] = "command line"
+        elif _has_dotted(data, name):
+            sources[name] = f"recipe {args.config}"
+        elif value is not None:
+            _set_dotted(data, name, value)
+            sources[name] = origin
+        else:
+            sources[name] = "default"
+    for name, value in cli.items():
+        _set_dotted(data, name, value)
+    _reject_unknown_keys(cls, data)  # a typo is reported before what is missing
+    hints = missing_hints or {}
+
+    def unset(f: dataclasses.Field) -> bool:
+        if f.name in data:
+            return False
+        if f.default is not dataclasses.MISSING:
+            return f.name in hints and not f.default  # an empty default that means "required" (e.g. model: "")
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            return f.name in hints and not f.default_factory()  # type: ignore[misc]
+        return True
+
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and unset(f)]
+    if missing:
+        what = "; ".join(
+            f"{name}: pass --{name} or set it in the --config recipe{hints.get(name, '')}" for name in missing
+        )
+        raise ConfigError(f"{prog or cls.__name__}: {', '.join(missing)} not set. {what}")
+    return from_dict(cls, data), sources

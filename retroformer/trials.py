@@ -112,6 +112,21 @@ class TrialsConfig:
     stop_on_success: bool = doc("stop a task's trials once it succeeds (Reflexion protocol)", True)
     cache_dir: str | None = doc("on-disk response cache for deterministic LLM calls; None disables it", None)
     export_dataset: bool = doc("export the rated-reflection dataset when the run ends", True)
+    # Read by the `retroformer trials` command (retroformer/cli.py), not by the loop itself.
+    data_dir: str | None = doc(
+        "data folder: environment data is looked for below it (hotpotqa/, alfworld/) and the rated reflections are "
+        "copied to <data_dir>/rated_reflections, where the training stages read them by default; null: DATA_DIR from "
+        ".env, else none",
+        None,
+    )
+    training_data: bool = doc(
+        "copy this run's rated reflections to <data_dir>/rated_reflections (evaluation recipes set false)", True
+    )
+    report_to: str = doc(
+        "experiment tracker(s) for success per trial (cumulative, per attempt) and cost, comma-separated: none, "
+        "tensorboard (<run>/tensorboard/trials), wandb, ...",
+        "none",
+    )
     env: EnvSection = doc("environment", default_factory=EnvSection)
     actor: ActorSection = doc("actor", default_factory=ActorSection)
     reflector: ReflectorSection = doc("retrospective model", default_factory=ReflectorSection)

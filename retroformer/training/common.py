@@ -18,6 +18,7 @@ from typing import Any
 
 from retroformer.config import doc, to_dict
 from retroformer.errors import ConfigError, DataError
+from retroformer.tracking import check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -254,8 +255,8 @@ class TrainerSettings:
     save_total_limit: int | None = doc("keep at most this many checkpoints (null: keep all)", 2)
     bf16: bool = doc("bfloat16 mixed precision (GPU); keep off on a CPU", False)
     gradient_checkpointing: bool = doc("recompute activations to save memory (large models on a GPU)", False)
-    report_to: str = doc("experiment tracker for the trainer logs (wandb, tensorboard, ...); none: console and files",
-                         "none")  # fmt: skip
+    report_to: str = doc("experiment tracker(s) for the trainer logs, comma-separated (tensorboard, wandb, trackio, "
+                         "...; TensorBoard: <output_dir>/tensorboard/); none: console and files", "none")  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -269,6 +270,7 @@ class TrainerSettings:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        check_report_to(self.report_to)  # a tracker that is not installed fails here, before any model loads
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(
                 f"save_total_limit={self.save_total_limit} must be >= 1, or null to keep every checkpoint"
@@ -292,5 +294,6 @@ def trainer_kwargs(cfg: TrainerSettings, output_dir: str) -> dict[str, Any]:
         "save_total_limit": cfg.save_total_limit,
         "bf16": cfg.bf16,
         "gradient_checkpointing": cfg.gradient_checkpointing,
-        "report_to": cfg.report_to,
+        # Trackers are fed by retroformer.tracking.trainer_callback, which namespaces the metrics (sft/..., reward/...).
+        "report_to": "none",
     }

@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from retroformer.config import doc, from_dict, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
+from retroformer.tracking import TENSORBOARD_DIR, check_report_to, flat_config, parse_report_to
 from retroformer.training.common import LoraSettings
 
 logger = logging.getLogger(__name__)
@@ -112,11 +113,21 @@ class PPORunConfig:
     seed: int = doc("seed of LoRA init, prompt order and sampling", 0)
     save_steps: int = doc("write checkpoint-N every N iterations; a rerun resumes from the last one", 50)
     logging_steps: int = doc("log metrics every N iterations", 1)
-    report_to: str = doc("experiment tracker: none, tensorboard, wandb, ... (accelerate's names)", "none")
+    # --- held-out evaluation (logged beside the training curves)
+    eval_dataset: list[str] = doc(
+        "held-out rated reflections (tasks not in `dataset`): every eval_steps iterations one reflection per unique "
+        "prompt is sampled and scored by the reward source; logged as eval/reward_mean and, for reward_source=env, "
+        "eval/success (the next attempt's return reaches 1.0)",
+        default_factory=list,
+    )
+    eval_steps: int = doc("evaluate on eval_dataset every N iterations and at the last one (0: never)", 0)
+    report_to: str = doc("experiment tracker(s), comma-separated: none, tensorboard, wandb, trackio, ... (accelerate's "
+                         "names; TensorBoard: <output_dir>/tensorboard/ppo)", "none")  # fmt: skip
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = from_dict(LoraSettings, self.lora, "lora")
+        check_report_to(self.report_to)  # a tracker that is not installed fails here, before any model loads
         if not self.model:
             raise ConfigError("model is empty; pass the base model directory, e.g. --model runs/tiny/lm")
         if not self.dataset:
@@ -142,6 +153,13 @@ class PPORunConfig:
             raise ConfigError(
                 f"minibatch_size={self.minibatch_size} must divide batch_size * num_samples_per_prompt = {rollout}"
             )
+        if self.eval_steps < 0 or (self.eval_steps > 0) != bool(self.eval_dataset):
+            raise ConfigError(
+                f"eval_steps={self.eval_steps} with eval_dataset={self.eval_dataset}: set both (eval_steps >= 1 and "
+                "held-out rated reflections) for a held-out evaluation, or neither"
+            )
+        if self.eval_steps and self.algorithm != "ppo":
+            raise ConfigError(f"eval_steps works with algorithm=ppo only (got {self.algorithm!r}); set eval_steps 0")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0")
         if not 0 < self.clip_range < 1:
@@ -447,23 +465,25 @@ def train_ppo(
     reward_fn: RewardFn,
     cfg: PPORunConfig,
     logits_processor: list | None = None,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg.num_iterations`` PPO iterations on ``model`` (a PEFT model); returns the final metrics.
 
     ``rows[i]`` is the dataset row of ``prompts[i]`` (passed to the reward function). ``logits_processor`` (a list of
-    transformers logits processors) constrains sampling; tests use it to keep a bandit small.
+    transformers logits processors) constrains sampling; tests use it to keep a bandit small. ``evaluate(policy)``
+    (see :func:`held_out_evaluator`) runs every ``cfg.eval_steps`` iterations; its ``eval/...`` metrics join the log.
     """
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     if len(prompts) != len(rows) or not prompts:
         raise DataError(f"train_ppo needs one row per prompt and at least one prompt; got {len(prompts)}/{len(rows)}")
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_dir=str(output_dir),
+        log_with=parse_report_to(cfg.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / TENSORBOARD_DIR)),
     )
     set_seed(cfg.seed, device_specific=True)  # seeding in one place: sampling differs across processes
     prompt_rng = random.Random(cfg.seed + accelerator.process_index)
@@ -477,7 +497,7 @@ def train_ppo(
     if last is not None:
         start, history = load_checkpoint(policy, optimizer, last, prompt_rng)
     if cfg.report_to != "none":
-        accelerator.init_trackers("ppo", config=to_dict(cfg))
+        accelerator.init_trackers("ppo", config=flat_config(to_dict(cfg)))  # TensorBoard: <output_dir>/tensorboard/ppo
 
     order: list[int] = []
     rollout_size = cfg.batch_size * cfg.num_samples_per_prompt
@@ -543,6 +563,8 @@ def train_ppo(
             "ppo/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
         }
         metrics.update({f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+        if evaluate is not None and (iteration % cfg.eval_steps == 0 or iteration == cfg.num_iterations):
+            metrics.update(evaluate(policy))
         history.append(metrics)
         if iteration % cfg.logging_steps == 0 or iteration == cfg.num_iterations:
             logger.info("iteration %d/%d %s", iteration, cfg.num_iterations,
@@ -589,11 +611,13 @@ def required_columns(cfg: PPORunConfig) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def load_prompts(cfg: PPORunConfig) -> tuple[list[str], list[dict[str, Any]]]:
-    """The unique prompts of the dataset(s) and, for each, its first row (the reward source may read it)."""
+def load_prompts(cfg: PPORunConfig, dataset: list[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    """The unique prompts of the dataset(s) (``cfg.dataset`` unless given) and, for each, its first row (the reward
+    source may read it)."""
     from retroformer.training.common import load_rated_dataset
 
-    ds = load_rated_dataset(cfg.dataset, required_columns(cfg))
+    dataset = cfg.dataset if dataset is None else dataset
+    ds = load_rated_dataset(dataset, required_columns(cfg))
     seen: dict[str, dict[str, Any]] = {}
     for row in ds:
         if cfg.only_failed and row["success_after"]:
@@ -601,11 +625,40 @@ def load_prompts(cfg: PPORunConfig) -> tuple[list[str], list[dict[str, Any]]]:
         seen.setdefault(row["prompt"], row)
     if not seen:
         raise DataError(
-            f"no prompts left in {cfg.dataset} (rows: {len(ds)}, only_failed={cfg.only_failed}); "
+            f"no prompts left in {dataset} (rows: {len(ds)}, only_failed={cfg.only_failed}); "
             "every logged reflection already led to success; set --only_failed false or add data"
         )
     logger.info("%d unique prompts from %d rows", len(seen), len(ds))
     return list(seen), list(seen.values())
+
+
+#: A next attempt succeeds when its return reaches 1.0: exact match (HotPotQA), won (ALFWorld), score 1.0 (WebShop),
+#: the vault opened (synthetic).
+SUCCESS_RETURN = 1.0
+
+
+def held_out_evaluator(cfg: PPORunConfig, tokenizer, reward):
+    """``evaluate(policy) -> {"eval/reward_mean": ..., "eval/success": ...}`` on the unique prompts of
+    ``cfg.eval_dataset``: one sampled reflection per prompt, scored by ``reward``; ``eval/success`` (reward source
+    ``env``) is the fraction of prompts whose next attempt reaches a return of 1.0 with that reflection."""
+    eval_prompts, eval_rows = load_prompts(cfg, cfg.eval_dataset)
+    chunk = cfg.batch_size * cfg.num_samples_per_prompt
+
+    def evaluate(policy) -> dict[str, float]:
+        policy.eval()
+        texts: list[str] = []
+        for start in range(0, len(eval_prompts), chunk):
+            texts += sample_reflections(policy, tokenizer, eval_prompts[start : start + chunk], cfg)[3]
+        rewards = reward.score(eval_prompts, texts, eval_rows)
+        out = {"eval/reward_mean": sum(rewards) / len(rewards), "eval/num_prompts": float(len(rewards))}
+        if cfg.reward_source == "env":
+            reached = [
+                float(row["return_before"]) + r >= SUCCESS_RETURN for row, r in zip(eval_rows, rewards, strict=True)
+            ]
+            out["eval/success"] = sum(reached) / len(reached)
+        return out
+
+    return evaluate
 
 
 def check_inputs(cfg: PPORunConfig) -> tuple[list[str], list[dict[str, Any]]]:
@@ -617,14 +670,17 @@ def check_inputs(cfg: PPORunConfig) -> tuple[list[str], list[dict[str, Any]]]:
     if cfg.sft_adapter:
         check_model_path(cfg.sft_adapter, "sft_adapter")
     check_reward_source(cfg)
+    if cfg.eval_steps:
+        load_prompts(cfg, cfg.eval_dataset)  # the held-out set is checked before any model loads too
     return load_prompts(cfg)
 
 
-def run(cfg: PPORunConfig, api_key: str | None = None) -> dict[str, Any]:
+def run(cfg: PPORunConfig, api_key: str | None = None, sources: dict[str, str] | None = None) -> dict[str, Any]:
     """The whole stage: check, load, train with ``cfg.algorithm``, save adapter + tokenizer + config + metrics.
 
     ``api_key``: for ``reward_source: env`` with an actor behind an OpenAI-compatible API, that endpoint's key (the
-    script reads it from the environment variable the trial run's ``actor.llm.api_key_env`` names).
+    script reads it from the environment variable the trial run's ``actor.llm.api_key_env`` names). ``sources``
+    (where config values came from) heads the saved config.
     """
     from retroformer.training.common import log_config, write_metrics
     from retroformer.training.rewards import build_reward_source
@@ -633,12 +689,13 @@ def run(cfg: PPORunConfig, api_key: str | None = None) -> dict[str, Any]:
     prompts, rows = check_inputs(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir / "config.yaml")
+    save_config(cfg, output_dir / "config.yaml", sources)
     reward = build_reward_source(cfg, api_key=api_key)
     try:
         if cfg.algorithm == "ppo":
             model, tokenizer = build_policy(cfg)
-            metrics = train_ppo(model, tokenizer, prompts, rows, reward.score, cfg)
+            evaluate = held_out_evaluator(cfg, tokenizer, reward) if cfg.eval_steps else None
+            metrics = train_ppo(model, tokenizer, prompts, rows, reward.score, cfg, evaluate=evaluate)
         else:
             from retroformer.training.trl_pg import train_trl
 

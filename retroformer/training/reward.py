@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from retroformer.config import doc, save_config
+from retroformer.config import doc, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
+from retroformer.tracking import trainer_callback
 from retroformer.training.common import (
     LoraSettings,
     TrainerSettings,
@@ -378,6 +379,7 @@ class RewardData:
     eval: list[RatedRow]
     pairs: list[tuple[RatedRow, RatedRow]]
     mode: str
+    tracker: Any = None  # the report_to callback (retroformer.tracking), kept open for the held-out metrics
 
 
 def prepare_reward_data(cfg: RewardStageConfig) -> RewardData:
@@ -450,6 +452,10 @@ def build_reward_trainer(cfg: RewardStageConfig):
             processing_class=tokenizer,
             data_collator=DataCollatorWithPadding(tokenizer),
         )
+    callback = trainer_callback(cfg.report_to, "reward", cfg.output_dir, to_dict(cfg), close_on_train_end=False)
+    if callback is not None:
+        trainer.add_callback(callback)
+    data.tracker = callback
     return trainer, data
 
 
@@ -469,12 +475,14 @@ def save_reward_model(trainer, cfg: RewardStageConfig) -> None:
     (out / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def run_reward(cfg: RewardStageConfig) -> dict[str, Any]:
-    """Train the reward model, evaluate on held-out tasks, save model, config and ``metrics.json``. Returns metrics."""
+def run_reward(cfg: RewardStageConfig, sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train the reward model, evaluate on held-out tasks, save model, config and ``metrics.json``. Returns metrics.
+
+    ``sources`` (where config values came from) heads the saved config."""
     log_config(cfg, "reward")
     trainer, data = build_reward_trainer(cfg)
     if trainer.is_world_process_zero():
-        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE)
+        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE, sources)
 
     resume = resume_checkpoint(cfg.output_dir)
     start = time.perf_counter()
@@ -498,7 +506,12 @@ def run_reward(cfg: RewardStageConfig) -> dict[str, Any]:
     if data.eval:
         scorer = RewardScorer(trainer.model, trainer.processing_class, cfg.max_length, cfg.eval_batch_size)
         scores = scorer([r.prompt for r in data.eval], [r.reflection for r in data.eval])
-        metrics.update(evaluate_scores(data.eval, scores, cfg.max_pairs_per_prompt, cfg.seed))
+        held_out = evaluate_scores(data.eval, scores, cfg.max_pairs_per_prompt, cfg.seed)
+        metrics.update(held_out)
+        if data.tracker is not None:
+            data.tracker.report(held_out, step=trainer.state.global_step)
+    if data.tracker is not None:
+        data.tracker.close()
     if trainer.is_world_process_zero():
         save_reward_model(trainer, cfg)
         write_metrics(Path(cfg.output_dir) / METRICS_FILE, metrics)

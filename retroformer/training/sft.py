@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retroformer.config import doc, save_config
+from retroformer.config import doc, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
+from retroformer.tracking import trainer_callback
 from retroformer.training.common import (
     LoraSettings,
     TrainerSettings,
@@ -198,6 +199,9 @@ def build_sft_trainer(cfg: SFTStageConfig):
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg.lora, task_type="CAUSAL_LM"),
     )
+    callback = trainer_callback(cfg.report_to, "sft", cfg.output_dir, to_dict(cfg))
+    if callback is not None:
+        trainer.add_callback(callback)
     info = {
         "sft/num_examples": len(examples),
         "sft/num_rated_rows": num_rated,
@@ -207,15 +211,16 @@ def build_sft_trainer(cfg: SFTStageConfig):
     return trainer, info
 
 
-def run_sft(cfg: SFTStageConfig) -> dict[str, Any]:
+def run_sft(cfg: SFTStageConfig, sources: dict[str, str] | None = None) -> dict[str, Any]:
     """Train the LoRA adapter; write adapter, tokenizer, ``sft_config.yaml`` and ``metrics.json`` to ``output_dir``.
 
-    Resumes from the last ``checkpoint-N`` in ``output_dir`` if there is one. Returns the metrics.
+    Resumes from the last ``checkpoint-N`` in ``output_dir`` if there is one. Returns the metrics. ``sources`` (where
+    config values came from; see :func:`retroformer.config.resolve_config`) heads the saved config.
     """
     log_config(cfg, "sft")
     trainer, info = build_sft_trainer(cfg)
     if trainer.is_world_process_zero():
-        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE)
+        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE, sources)
 
     resume = resume_checkpoint(cfg.output_dir)
     start = time.perf_counter()

@@ -35,6 +35,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from retroformer.config import to_dict
+from retroformer.tracking import trainer_callback
 from retroformer.training.ppo import PPORunConfig, cut_reflection
 from retroformer.training.rewards import RewardSource, reward_columns
 
@@ -82,7 +84,7 @@ def _trainer_args(cfg: PPORunConfig):
         seed=cfg.seed,
         save_steps=cfg.save_steps,
         logging_steps=cfg.logging_steps,
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        report_to="none",  # trackers are fed by retroformer.tracking.trainer_callback (ppo/... names)
         bf16=False,
         gradient_checkpointing=False,
     )
@@ -129,6 +131,9 @@ def train_trl(cfg: PPORunConfig, prompts: list[str], rows: list[dict[str, Any]],
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    callback = trainer_callback(cfg.report_to, "ppo", cfg.output_dir, to_dict(cfg))
+    if callback is not None:
+        trainer.add_callback(callback)
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.output_dir))
     trainer.save_model(cfg.output_dir)
     tokenizer.save_pretrained(cfg.output_dir)
