@@ -38,7 +38,13 @@ def prompts_for(suite: EnvSuite, task: Task) -> EnvPrompts:
 
 
 async def run_episode(
-    suite: EnvSuite, env: TextEnv, actor: Actor, task: Task, memory: list[str], max_steps: int | None = None
+    suite: EnvSuite,
+    env: TextEnv,
+    actor: Actor,
+    task: Task,
+    memory: list[str],
+    max_steps: int | None = None,
+    trial: int = 0,
 ) -> EpisodeResult:
     """Run ``actor`` on ``task`` until the env says done or the step budget runs out.
 
@@ -47,7 +53,7 @@ async def run_episode(
     """
     prompts = prompts_for(suite, task)
     description = await asyncio.to_thread(env.reset, task)
-    ctx = ActContext(task=task, description=description, memory=list(memory), prompts=prompts)
+    ctx = ActContext(task=task, description=description, memory=list(memory), prompts=prompts, trial=trial)
     usage = Usage()
     invalid = 0
     end_reason: str | None = None
@@ -137,7 +143,7 @@ class OnlineReflectionScorer:
             async with sem:
                 env = await asyncio.to_thread(self.suite.make)
                 try:
-                    result = await run_episode(self.suite, env, self.actor, task, memory)
+                    result = await run_episode(self.suite, env, self.actor, task, memory, trial=int(row["trial"]) + 1)
                 finally:
                     await asyncio.to_thread(env.close)
             if result.end_reason in ERRORED_END_REASONS:

@@ -47,10 +47,16 @@ class EnvSection:
 @dataclass
 class ActorSection:
     kind: Literal["react", "plan"] = doc(
-        "react: an LLM with a ReAct prompt; plan: the synthetic env's deterministic plan-following actor (no LLM)",
+        "react: an LLM with a ReAct prompt; plan: the synthetic env's plan-following actor (no LLM)",
         "react",
     )
     llm: LLMConfig = doc("the actor's LLM (ignored for kind=plan)", default_factory=LLMConfig)
+    retry: Literal["first", "random"] = doc(
+        "kind=plan: the door it opens on a retry whose memory names none. first: its first guess again "
+        "(deterministic); random: a fresh uniform draw among the other doors, like a sampling LLM actor that a "
+        "useless reflection sometimes leaves lucky",
+        "first",
+    )
     max_observation_chars: int = doc("observations longer than this are truncated in the actor's prompt", 1500)
     max_prompt_chars: int = doc("oldest scratchpad steps are dropped beyond this prompt length", 24000)
 
@@ -155,7 +161,7 @@ def build_actor(cfg: TrialsConfig, suite: EnvSuite, api_key: str | None = None) 
     if cfg.actor.kind == "plan":
         from retroformer.envs.synthetic import PlanFollowingActor
 
-        return PlanFollowingActor()
+        return PlanFollowingActor(retry=cfg.actor.retry, seed=cfg.seed)
     llm = _wrap_cache(build_llm(cfg.actor.llm, api_key=api_key), cfg)
     return ReActActor(
         llm,
@@ -289,7 +295,7 @@ async def run_trials_async(
                 t0 = time.perf_counter()
                 env = await asyncio.to_thread(suite.make)
                 try:
-                    result = await run_episode(suite, env, actor, task, memory)
+                    result = await run_episode(suite, env, actor, task, memory, trial=trial)
                 finally:
                     await asyncio.to_thread(env.close)
                 reflection: Reflection | None = None

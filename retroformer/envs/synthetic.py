@@ -1,14 +1,27 @@
 """A synthetic environment in which the *content of a reflection* decides the next attempt.
 
 Each task is a vault with a few doors; exactly one leads out, and the actor may open only one door per attempt. A
-failed attempt reveals a clue (``the way out is the <name> door``). A reflection that carries the clue forward makes
-the next attempt succeed; one that does not, does not. The door that is right is never the first one listed, so an
-actor without reflections (ReAct) never succeeds: every success is owed to a reflection.
+failed attempt reveals a clue (``the way out is the <name> door``). The right door is never the first one listed,
+and an actor's first guess is the first door, so every task needs at least one retry.
 
-It is paired with :class:`PlanFollowingActor`, a deterministic actor that is **not an LLM**: it opens the door that
-its newest reflection names (``open[<name>]`` or ``<name> door``), and otherwise the first door. It exists so that the
-retrospective model's learning can be shown on a CPU in minutes: with this actor, a reflection's rating is exactly
-whether it carried the clue forward. Real experiments use an LLM actor on HotPotQA, ALFWorld or WebShop.
+It is paired with :class:`PlanFollowingActor`, an actor that is **not an LLM**: it opens the door its newest
+reflection names (``open[<name>]`` or ``<name> door``). On a retry whose memory names no door it either repeats its
+first guess (``retry: first``, deterministic: a reflection's rating is then exactly whether it carried the clue) or
+opens a uniformly random door among the others (``retry: random``). The second is the shape of a real task: an LLM
+actor sampling at a temperature sometimes succeeds after a useless reflection (a lucky retry), while the right
+reflection makes success certain.
+
+Why ``retry: random`` separates imitation from policy gradient. With ``n`` doors, a reflection after the first
+failure leads to success at the next attempt with probability 1 if it carries the clue, ``1 / (n - 1)`` if it names
+no door (the actor draws among the other doors), and 0 if it names a wrong door. Let the behaviour reflector
+(:class:`ClueReflector`) write the clue with probability ``c``, a wrong door with ``w`` and a generic sentence
+otherwise (``g = 1 - c - w``). Reward-filtered imitation (SFT on reflections rated > 0) fits the distribution of the
+*rewarded* reflections, whose fixed point is ``p(clue) = c / (c + g / (n - 1))`` and ``p(generic) = 1 - p(clue)``:
+with ``n = 4, c = 0.1, w = 0.15`` that is 0.29 clue and 0.71 generic, and the greedy (most likely) reflection is the
+generic one, worth ``1 / 3``. Policy gradient maximises the expected return ``p(clue) + p(generic) / (n - 1)``,
+whose maximum is ``p(clue) = 1``, worth 1. More SFT steps on the same data move towards the first fixed point, not
+the second; only the effect of the reflection (its reward) distinguishes them. Every number in this argument is a
+property of the task (how often a blind retry is lucky) and of the behaviour data; none is chosen for the learner.
 """
 
 from __future__ import annotations
@@ -63,6 +76,8 @@ def corpus() -> list[str]:
         texts.append(env.reset(task))
         texts.append(env.step(f"open[{task.payload['doors'][0]}]").observation)
         texts.append(f"Reflection: The way out is the {task.payload['answer']} door, so I will open it next.")
+        texts.append(f"Reflection: {CLUE_TEMPLATE.format(door=task.payload['answer'])}")
+    texts.append(f"Reflection: {GENERIC_REFLECTION}")
     return texts
 
 
@@ -150,49 +165,74 @@ def planned_door(memory: list[str], doors: list[str]) -> str | None:
 
 
 class PlanFollowingActor:
-    """Deterministic, LLM-free actor for the vault: opens the door its memory names, else the first door.
+    """LLM-free actor for the vault: opens the door its memory names; without one, see ``retry``.
 
-    Not an LLM. It makes the effect of a reflection on the next attempt exact, so that reflector training can be
-    shown on a CPU. It implements the same ``act`` interface as :class:`retroformer.agents.actor.ReActActor`.
+    ``retry="first"``: the first door on every attempt without a plan (deterministic). ``retry="random"``: the first
+    door on the first attempt, then a fresh uniform draw among the other doors on each retry without a plan (a new
+    draw every call, so the online scorer of ``ppo_run.py`` draws again). Not an LLM: it makes the effect of a
+    reflection on the next attempt known exactly, so that reflector training can be shown on a CPU. It implements the
+    ``act`` interface of :class:`retroformer.agents.actor.ReActActor`.
     """
 
-    actor_id = "plan-following-actor"
-    prompt_hash = "plan-following-v1"
+    def __init__(self, retry: str = "first", seed: int = 0) -> None:
+        if retry not in ("first", "random"):
+            raise ConfigError(f"actor.retry must be 'first' or 'random', got {retry!r}")
+        self.retry = retry
+        self._rng = random.Random(seed)
+        self.actor_id = "plan-following-actor" if retry == "first" else "plan-following-actor-random-retry"
+        self.prompt_hash = f"plan-following-v2-{retry}"
 
     async def act(self, ctx) -> tuple[str, str, Usage]:  # ctx: retroformer.agents.actor.ActContext
         doors = ctx.task.payload["doors"]
         door = planned_door(ctx.memory, doors)
-        if door is None:
-            return "No plan in memory; I try the first door.", f"open[{doors[0]}]", Usage()
-        return f"My reflection says to open the {door} door.", f"open[{door}]", Usage()
+        if door is not None:
+            return f"My reflection says to open the {door} door.", f"open[{door}]", Usage()
+        if self.retry == "random" and ctx.trial > 0:
+            door = self._rng.choice(doors[1:])
+            return "No plan in memory; my first guess failed, so I try another door.", f"open[{door}]", Usage()
+        return "No plan in memory; I try the first door.", f"open[{doors[0]}]", Usage()
 
 
 _CLUE_RE = re.compile(r"the way out is the ([a-z]+) door")
+_DOORS_RE = re.compile(r"vault with \d+ doors: ([a-z, ]+)\.")
+
+CLUE_TEMPLATE = "I opened the wrong door. The scratch said the way out is the {door} door, so I will open it next."
+GENERIC_REFLECTION = "I was unlucky with my choice. Next time I should think more carefully before acting."
 
 
 @register_scripted_policy("synthetic-clue")
 class ClueReflector(LLM):
-    """Scripted reflector for the vault: carries the last clue forward with probability ``carry_prob``.
+    """Scripted behaviour reflector for the vault.
 
-    When it does not, it writes a plausible but useless reflection. Seeded by the prompt text, so a rerun writes the
-    same reflections.
+    With probability ``carry_prob`` it carries the last clue forward; with ``wrong_prob`` it writes the same sentence
+    with a wrong door of the vault (a confident, mistaken reflection); otherwise a plausible but generic one. Seeded
+    by ``seed`` and the prompt text: a rerun writes the same reflections, and runs with different seeds write
+    different reflections for the same prompt (the within-prompt pairs a reward model learns from).
     """
 
-    def __init__(self, carry_prob: float = 0.5, seed: int = 0) -> None:
-        if not 0.0 <= carry_prob <= 1.0:
-            raise ConfigError(f"llm.scripted_options.carry_prob must be in [0, 1], got {carry_prob}")
+    def __init__(self, carry_prob: float = 0.5, wrong_prob: float = 0.0, seed: int = 0) -> None:
+        if not (0.0 <= carry_prob <= 1.0 and 0.0 <= wrong_prob <= 1.0 and carry_prob + wrong_prob <= 1.0):
+            raise ConfigError(
+                "llm.scripted_options.carry_prob and wrong_prob must be in [0, 1] with carry_prob + wrong_prob <= 1, "
+                f"got {carry_prob} and {wrong_prob}"
+            )
         self.carry_prob = carry_prob
+        self.wrong_prob = wrong_prob
         self.seed = seed
-        self.model_id = f"scripted-clue-p{carry_prob:g}"
+        self.model_id = f"scripted-clue-p{carry_prob:g}" + (f"-w{wrong_prob:g}" if wrong_prob else "")
 
     async def generate(self, request: GenerationRequest) -> Completion:
         rng = random.Random(f"{self.seed}:{request.prompt}")
         # The prompt ends with the failed trajectory, so its last clue is this attempt's.
         clues = _CLUE_RE.findall(request.prompt)
-        if clues and rng.random() < self.carry_prob:
-            door = clues[-1]
-            text = f"I opened the wrong door. The scratch said the way out is the {door} door, so I will open it next."
+        draw = rng.random()
+        doors = _DOORS_RE.findall(request.prompt)
+        wrong = [d for d in doors[-1].split(", ") if d != clues[-1]] if clues and doors else []
+        if clues and draw < self.carry_prob:
+            text = CLUE_TEMPLATE.format(door=clues[-1])
+        elif wrong and draw < self.carry_prob + self.wrong_prob:
+            text = CLUE_TEMPLATE.format(door=rng.choice(wrong))
         else:
-            text = "I was unlucky with my choice. Next time I should think more carefully before acting."
+            text = GENERIC_REFLECTION
         usage = Usage(prompt_tokens=len(request.prompt.split()), completion_tokens=len(text.split()), calls=1)
         return Completion(text=text, usage=usage, model_id=self.model_id)
