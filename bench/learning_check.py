@@ -1,20 +1,22 @@
 """Does policy gradient beat imitation? The demo's setting over several seeds, every condition on the same tasks.
 
-    python bench/learning_check.py [--seeds 0 1 2] [--workdir runs/learning-check]
+    python bench/learning_check.py [--seeds 0 1 2] [--jobs 3] [--workdir runs/learning-check]
 
 The setting (retroformer/envs/synthetic.py has the argument): vault tasks with four doors; the actor's first guess
-is always wrong and reveals a clue; a blind retry (memory naming no door) opens a random other door, lucky one time
-in three; a reflection carrying the clue makes the retry certain, one naming a wrong door makes it fail. The behaviour
-reflector writes the clue 10% of the time, a wrong door 15%, a generic sentence otherwise. Most reflections that were
-followed by success are therefore generic ones, so reward-filtered imitation (SFT on rating > 0) has a different
-fixed point from policy gradient (PPO on the reflection's effect).
+is always wrong and reveals a clue, which is also scratched on the wall; a blind retry (no plan in memory) opens a
+random other door, lucky one time in three; a reflection with a plan that works (the clue's door, or "look around
+first") makes the retry certain, one naming a wrong door makes it fail. The behaviour reflector writes the clue 5% of
+the time, "look around first" 5%, a wrong door 15%, a generic sentence otherwise. Most reflections that were followed
+by success are therefore generic ones, so reward-filtered imitation (SFT on rating > 0) has a different fixed point
+from policy gradient (PPO on the reflection's effect).
 
 Per seed N, in ``<workdir>/seed<N>`` (emptied first): tiny models built with seed N; four behaviour samples collected
 on training tasks (env seed 100 + N); then, each from the same data and seed,
 
 - ``sft``: SFT on rating > 0 (experiments/demo/sft.yaml);
-- ``sft_matched``: the same SFT run continued for as many more example-gradients as PPO computes (iterations x
-  prompts x samples x epochs), the compute-matched imitation control;
+- ``sft_matched``: the same SFT run continued for as many more examples as PPO samples (iterations x prompts x
+  samples per prompt; with the demo's recipes also as many optimizer steps as PPO takes), the compute-matched
+  imitation control;
 - the reward model (experiments/demo/reward.yaml), trained on all ratings;
 - ``ppo_env``: PPO from the SFT adapter with the online environment reward (experiments/demo/ppo.yaml);
 - ``ppo_rm``: the same with the reward model's score (the paper's offline recipe);
@@ -40,6 +42,7 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -48,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from retroformer.envs.synthetic import CLUE_TEMPLATE, GENERIC_REFLECTION, SyntheticSuite  # noqa: E402
+from retroformer.envs.synthetic import CLUE_TEMPLATE, GENERIC_REFLECTION, LOOK_REFLECTION, SyntheticSuite  # noqa: E402
 from retroformer.records import read_records, records_path  # noqa: E402
 from retroformer.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval  # noqa: E402
 
@@ -75,10 +78,10 @@ def recipe(name: str) -> dict:
     return yaml.safe_load((ROOT / "experiments" / "demo" / name).read_text())
 
 
-def ppo_example_gradients(ppo: dict, sft: dict) -> int:
-    """SFT steps with as many example-gradients as PPO computes (its samples times its epochs)."""
-    ppo_examples = ppo["num_iterations"] * ppo["batch_size"] * ppo["num_samples_per_prompt"] * ppo["ppo_epochs"]
-    return ppo_examples // sft["per_device_train_batch_size"]
+def ppo_matched_steps(ppo: dict, sft: dict) -> int:
+    """SFT steps that see as many examples as PPO samples (iterations x prompts x samples per prompt); with the demo's
+    recipes that is also the number of optimizer steps PPO takes (its epochs over minibatches twice the SFT batch)."""
+    return ppo["num_iterations"] * ppo["batch_size"] * ppo["num_samples_per_prompt"] // sft["per_device_train_batch_size"]
 
 
 def adapters(workdir: str) -> dict[str, str | None]:
@@ -93,8 +96,14 @@ def eval_steps(demo, workdir: str, seed: int, tiny: str, temperature: float) -> 
             if cond == "none" and mode == "sampled":
                 continue  # no reflector: nothing to sample
             extra = ("--reflector.llm.temperature", str(temperature if mode == "sampled" else 0.0))
-            steps.append((f"evaluate {cond} ({mode})", demo.eval_step(
-                workdir, seed, tiny, f"eval-{cond}-{mode}", adapter, "none" if cond == "none" else "llm", extra)))
+            steps.append(
+                (
+                    f"evaluate {cond} ({mode})",
+                    demo.eval_step(
+                        workdir, seed, tiny, f"eval-{cond}-{mode}", adapter, "none" if cond == "none" else "llm", extra
+                    ),
+                )
+            )
     return steps  # fmt: skip
 
 
@@ -108,25 +117,31 @@ def trial1_outcomes(run_dir: Path) -> dict[str, bool]:
 
 
 def rm_accuracy(reward_dir: Path, run_dir: Path, num_tasks: int, env_seed: int) -> dict[str, float | int]:
-    """The reward model on held-out first-reflection prompts: is the clue scored above each wrong door, and the
-    generic sentence (worth a blind retry) above each wrong door?"""
+    """The reward model on held-out first-reflection prompts: is each reflection worth more than a wrong door (the
+    clue, "look around first", and the generic sentence, worth a blind retry) scored above the same sentence naming
+    each wrong door?"""
     from retroformer.training.reward import load_reward_model
 
-    tasks = {t.task_id: t for t in SyntheticSuite(SyntheticSuite.Config(num_tasks=num_tasks, seed=env_seed)).tasks()}
+    suite = SyntheticSuite(SyntheticSuite.Config(num_tasks=num_tasks, seed=env_seed, wall_clue=True))
+    tasks = {t.task_id: t for t in suite.tasks()}
     prompts = {r.task_id: r.reflection.prompt for r in read_records(records_path(run_dir))
                if r.trial == 0 and r.reflection is not None}  # fmt: skip
     score = load_reward_model(str(reward_dir))
-    clue_wins = generic_wins = pairs = 0
+    kinds = ("clue", "look", "generic")
+    wins = dict.fromkeys(kinds, 0)
+    pairs = 0
     for task_id, prompt in sorted(prompts.items()):
         doors, answer = tasks[task_id].payload["doors"], tasks[task_id].payload["answer"]
         wrong = [CLUE_TEMPLATE.format(door=d) for d in doors if d != answer]
-        texts = [CLUE_TEMPLATE.format(door=answer), GENERIC_REFLECTION, *wrong]
+        texts = [CLUE_TEMPLATE.format(door=answer), LOOK_REFLECTION, GENERIC_REFLECTION, *wrong]
         s = score([prompt] * len(texts), texts)
-        clue_wins += sum(s[0] > w for w in s[2:])
-        generic_wins += sum(s[1] > w for w in s[2:])
+        for i, kind in enumerate(kinds):
+            wins[kind] += sum(s[i] > w for w in s[len(kinds) :])
         pairs += len(wrong)
-    return {"prompts": len(prompts), "pairs_per_kind": pairs, "clue_over_wrong": clue_wins / pairs,
-            "generic_over_wrong": generic_wins / pairs, "all_with_wrong_negative": (clue_wins + generic_wins) / (2 * pairs)}  # fmt: skip
+    out: dict[str, float | int] = {"prompts": len(prompts), "pairs_per_kind": pairs}
+    out.update({f"{kind}_over_wrong": wins[kind] / pairs for kind in kinds})
+    out["all_with_wrong_negative"] = sum(wins.values()) / (len(kinds) * pairs)
+    return out
 
 
 def run_seed(demo, workdir: str, seed: int, log=print) -> dict:
@@ -135,14 +150,15 @@ def run_seed(demo, workdir: str, seed: int, log=print) -> dict:
     tiny = f"{workdir}/tiny"
     ppo_cfg, sft_cfg = recipe("ppo.yaml"), recipe("sft.yaml")
     sft_steps = sft_cfg["max_steps"]
-    extra = ppo_example_gradients(ppo_cfg, sft_cfg)
+    extra = ppo_matched_steps(ppo_cfg, sft_cfg)
     curve_every = max(ppo_cfg["num_iterations"] // 4, 1)
+    logs = f"{workdir}/logs"
     timings = demo.run_steps([
         ("tiny models", [sys.executable, "-m", "retroformer.cli", "tiny-models", "--out", tiny, *demo.TINY_FLAGS,
                          "--seed", str(seed), "--force", "true"]),
         *demo.collect_steps(workdir, seed),
         ("SFT", demo.sft_step(workdir, seed, tiny, extra=("--save_steps", str(sft_steps)))),
-    ], log=log)  # fmt: skip
+    ], logs, log=log, progress=False)  # fmt: skip
     # the control continues the SFT run itself: its last checkpoint, resumed with a longer schedule
     shutil.copytree(root / "sft" / f"checkpoint-{sft_steps}", root / "sft-matched" / f"checkpoint-{sft_steps}")
     timings += demo.run_steps([
@@ -153,14 +169,14 @@ def run_seed(demo, workdir: str, seed: int, log=print) -> dict:
                                                   ("--save_steps", str(curve_every)))),
         ("PPO, reward model", demo.ppo_step(workdir, seed, tiny, "rm", "ppo-rm", ("--save_steps", str(curve_every)))),
         *eval_steps(demo, workdir, seed, tiny, ppo_cfg["temperature"]),
-    ], log=log)  # fmt: skip
+    ], logs, log=log, progress=False)  # fmt: skip
     curve_steps = []
     for cond in PPO_CONDITIONS:
         ppo_dir = root / f"ppo-{cond[4:]}"
         for step in checkpoints(ppo_dir)[:-1]:  # the last one is the final adapter, evaluated above
             curve_steps.append((f"evaluate {cond} at iteration {step}", demo.eval_step(
                 workdir, seed, tiny, f"curve-{cond}-{step}", str(ppo_dir / f"checkpoint-{step}"))))  # fmt: skip
-    timings += demo.run_steps(curve_steps, log=log)
+    timings += demo.run_steps(curve_steps, logs, log=log, progress=False)
 
     outcomes = {f"{c}/{m}": trial1_outcomes(root / f"eval-{c}-{m if c != 'none' else 'greedy'}")
                 for c in CONDITIONS for m in MODES}  # fmt: skip
@@ -217,11 +233,12 @@ def markdown(result: dict) -> str:
         "trial 0). Chance, i.e. a blind retry, is 1/3: the actor opens one of the three other doors at random.",
         "",
         "Why the setting separates the two learners (retroformer/envs/synthetic.py): the behaviour reflector writes "
-        "the clue 10% of the time, a wrong door 15%, a generic sentence 75%; a generic reflection is followed by "
-        "success one time in three (a lucky retry), the clue always, a wrong door never. Of the reflections rated "
-        "> 0, 0.1 / (0.1 + 0.75 / 3) = 29% carry the clue and 71% are generic, so SFT's fixed point writes the "
+        'a plan that works 10% of the time (the clue\'s door 5%, "look around first" 5%: the clue is also on the '
+        "wall), a wrong door 15%, a generic sentence 75%; a generic reflection is followed by success one time in "
+        "three (a lucky retry), a working plan always, a wrong door never. Of the reflections rated > 0, "
+        "0.1 / (0.1 + 0.75 / 3) = 29% hold a working plan and 71% are generic, so SFT's fixed point writes the "
         "generic sentence greedily (worth 1/3), while the expected return that policy gradient maximises is highest "
-        "when the clue is always written (worth 1).",
+        "when a working plan is always written (worth 1).",
         "",
         "## Success at trial 1 (greedy reflections), 95% Wilson intervals",
         "",
@@ -276,25 +293,28 @@ def markdown(result: dict) -> str:
         "",
         "## The reward model",
         "",
-        "Held-out first-reflection prompts (the evaluation tasks); for each, the clue reflection and the generic one "
-        "against the same sentence naming each wrong door. Accuracy = the first scored above the wrong-door one.",
+        'Held-out first-reflection prompts (the evaluation tasks); for each, the clue reflection, "look around '
+        "first\" and the generic one against the clue's sentence naming each wrong door. Accuracy = the first scored "
+        "above the wrong-door one. Only the clue against a wrong door needs the door checked against the prompt's "
+        "clue; the others differ in their wording.",
         "",
-        "| seed | prompts | clue > wrong door | generic > wrong door | all pairs with a wrong-door negative |",
-        "|---|---|---|---|---|",
+        "| seed | prompts | clue > wrong door | look around > wrong door | generic > wrong door | all |",
+        "|---|---|---|---|---|---|",
     ]
     for s in seeds:
         r = per[s]["reward_model"]
-        lines.append(f"| {s} | {r['prompts']} | {r['clue_over_wrong']:.3f} | {r['generic_over_wrong']:.3f} | "
-                     f"{r['all_with_wrong_negative']:.3f} |")  # fmt: skip
+        lines.append(f"| {s} | {r['prompts']} | {r['clue_over_wrong']:.3f} | {r['look_over_wrong']:.3f} | "
+                     f"{r['generic_over_wrong']:.3f} | {r['all_with_wrong_negative']:.3f} |")  # fmt: skip
     lines += [
         "",
         f"The compute-matched control trains SFT to {per[seeds[0]]['sft_matched_steps']} steps: the SFT run resumed "
-        "from its last checkpoint for as many example-gradients as PPO computes (iterations × prompts × samples × "
-        "epochs of experiments/demo/ppo.yaml).",
+        "from its last checkpoint for as many examples as PPO samples (iterations × prompts × samples per prompt of "
+        "experiments/demo/ppo.yaml), which is also the number of optimizer steps PPO takes.",
         "",
         "Step wall times (s): "
         + "; ".join(
-            f"seed {s}: " + ", ".join(f"{t} {v:.0f}" for t, v in per[s]["timings"] if not t.startswith("evaluate"))
+            f"seed {s}: "
+            + ", ".join(f"{t} {v:.0f}" for t, v in per[s]["timings"] if not t.startswith("evaluate"))
             + f", evaluations {sum(v for t, v in per[s]['timings'] if t.startswith('evaluate')):.0f}"
             for s in seeds
         ),
@@ -313,16 +333,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default="runs/learning-check", help="one run directory per seed under it")
     parser.add_argument("--out", default=str(HERE / "LEARNING.md"), help="markdown; the JSON goes beside it")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per seed (default: the demo's)")
     args = parser.parse_args(argv)
     demo = load_demo()
     if args.eval_tasks is not None:
         demo.EVAL_TASKS = args.eval_tasks
     t0 = time.perf_counter()
-    per_seed = {}
-    for seed in args.seeds:
-        per_seed[str(seed)] = run_seed(demo, f"{args.workdir}/seed{seed}", seed)
-        print(f"seed {seed}: success at trial 1 {json.dumps(per_seed[str(seed)]['success_trial1'])}", flush=True)
+
+    def one(seed: int) -> dict:
+        def log(*a, **kw):
+            print(f"[seed {seed}]", *a, **kw)
+
+        result = run_seed(demo, f"{args.workdir}/seed{seed}", seed, log=log)
+        log(f"success at trial 1 {json.dumps(result['success_trial1'])}", flush=True)
+        return result
+
+    # seeds are independent runs: --jobs runs them side by side (each step is a subprocess)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        per_seed = {str(seed): result for seed, result in zip(args.seeds, pool.map(one, args.seeds), strict=True)}
     result = {
         "seeds": [{"seed": seed, **per_seed[str(seed)]} for seed in args.seeds],
         "conditions": CONDITIONS,

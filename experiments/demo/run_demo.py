@@ -6,7 +6,7 @@ Each step is the command a user would type; they are printed as they run:
 
 1. build tiny models (a tokenizer trained here, random weights; nothing is downloaded)
 2. collect rated reflections on the synthetic vault environment, four behaviour samples per task (a plan-following
-   actor whose blind retries are random, a scripted behaviour reflector that carries the clue 10% of the time)
+   actor whose blind retries are random; a scripted behaviour reflector that gives a plan that works 10% of the time)
 3. SFT the retrospective model on the reflections that helped (LoRA)
 4. train a reward model on the ratings (pairs of reflections of the same prompt)
 5. PPO from the SFT adapter with the online environment reward (LoRA, KL to the SFT adapter; see ppo.yaml)
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -45,8 +46,11 @@ TINY_FLAGS = ["--initializer_range", "0.2"]
 #: (the reward model's within-prompt pairs).
 NUM_TASKS = 1024
 NUM_SAMPLES = 4
-#: The behaviour reflector: the clue with probability CARRY, a wrong door with WRONG, a generic sentence otherwise.
-CARRY, WRONG = 0.1, 0.15
+#: The behaviour reflector: the clue with probability CARRY, "look around first" with LOOK (both plans that work), a
+#: wrong door with WRONG, a generic sentence otherwise.
+CARRY, LOOK, WRONG = 0.05, 0.05, 0.15
+#: The vault's options: four doors, the clue also on the wall (where `look` shows it).
+VAULT = "num_doors: 4, wall_clue: true"
 #: Held-out tasks (env seed 1000 + seed, never trained on).
 EVAL_TASKS = 256
 
@@ -60,8 +64,9 @@ def collect_steps(workdir: str, seed: int) -> list[tuple[str, list[str]]]:
             f"collect rated reflections ({k + 1}/{NUM_SAMPLES})",
             [sys.executable, "-m", "retroformer.cli", "trials", "--config", str(HERE / "collect.yaml"),
              "--runs_dir", workdir, "--run_name", f"collect-{k}", "--seed", str(sample_seed),
-             "--env.options", f"{{num_tasks: {NUM_TASKS}, num_doors: 4, seed: {100 + seed}}}",
-             "--reflector.llm.scripted_options", f"{{carry_prob: {CARRY}, wrong_prob: {WRONG}, seed: {sample_seed}}}"],
+             "--env.options", f"{{num_tasks: {NUM_TASKS}, {VAULT}, seed: {100 + seed}}}",
+             "--reflector.llm.scripted_options",
+             f"{{carry_prob: {CARRY}, look_prob: {LOOK}, wrong_prob: {WRONG}, seed: {sample_seed}}}"],
         ))  # fmt: skip
     return steps
 
@@ -95,7 +100,7 @@ def eval_step(workdir: str, seed: int, tiny: str, run_name: str, adapter: str | 
     """The held-out evaluation run ``<workdir>/<run_name>``: ``adapter`` on the tiny base, or no reflector."""
     argv = [sys.executable, "-m", "retroformer.cli", "trials", "--config", str(HERE / "eval.yaml"),
             "--runs_dir", workdir, "--run_name", run_name, "--seed", str(seed),
-            "--env.options", f"{{num_tasks: {EVAL_TASKS}, num_doors: 4, seed: {1000 + seed}}}",
+            "--env.options", f"{{num_tasks: {EVAL_TASKS}, {VAULT}, seed: {1000 + seed}}}",
             "--reflector.llm.model", f"{tiny}/lm"]  # fmt: skip
     if reflector == "none":
         argv += ["--reflector.kind", "none"]
@@ -129,7 +134,15 @@ def pipeline(workdir: str, seed: int, tiny: str | None = None) -> list[tuple[str
     ]  # fmt: skip
 
 
-def run_steps(steps: list[tuple[str, list[str]]], log=print) -> list[tuple[str, float]]:
+def run_steps(
+    steps: list[tuple[str, list[str]]], log_dir: str | Path, log=print, progress: bool = True
+) -> list[tuple[str, float]]:
+    """Run each step as a subprocess; its output goes to ``<log_dir>/<NN>-<title>.log``, the console gets one line.
+
+    A failed step shows the end of its log and stops the run (a rerun resumes: every step continues what it finds).
+    """
+    from tqdm.auto import tqdm
+
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -138,16 +151,29 @@ def run_steps(steps: list[tuple[str, list[str]]], log=print) -> list[tuple[str, 
         "TOKENIZERS_PARALLELISM": "false",
         "RETROFORMER_LOG_LEVEL": os.environ.get("RETROFORMER_LOG_LEVEL", "WARNING"),
     }
+    log_dir = ROOT / log_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
     timings = []
+    bar = tqdm(total=len(steps), unit="step", disable=not progress, leave=False)
+    say = bar.write if progress else log
     for i, (title, argv) in enumerate(steps, start=1):
         shown = " ".join(shlex.quote(a) for a in argv).replace(sys.executable, "python")
-        log(f"\n=== step {i}/{len(steps)}: {title}\n$ {shown}", flush=True)
+        path = log_dir / f"{i:02d}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.log"
+        bar.set_description(title)
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, cwd=ROOT, env=env)
+        with path.open("w", encoding="utf-8") as out:
+            out.write(f"$ {shown}\n")
+            out.flush()
+            proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            raise SystemExit(f"step {i} ({title}) failed with exit code {proc.returncode}; see the output above")
+            bar.close()
+            tail = "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:])
+            raise SystemExit(f"{tail}\n\nstep {i} ({title}) failed with exit code {proc.returncode}: the end of its "
+                             f"log is above, the whole log in {path}\n$ {shown}")  # fmt: skip
         timings.append((title, time.perf_counter() - t0))
-        log(f"--- {title}: {timings[-1][1]:.1f} s", flush=True)
+        say(f"step {i:2d}/{len(steps)}  {title:<45s} {timings[-1][1]:6.1f} s")
+        bar.update(1)
+    bar.close()
     return timings
 
 
@@ -167,14 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(args.workdir)
     t0 = time.perf_counter()
-    timings = run_steps(pipeline(args.workdir, args.seed, args.tiny), log=print)
+    print(f"demo in {args.workdir}: each step's command and output go to {args.workdir}/logs/")
+    timings = run_steps(pipeline(args.workdir, args.seed, args.tiny), f"{args.workdir}/logs")
     total = time.perf_counter() - t0
-    print("\n=== timings")
-    for title, secs in timings:
-        print(f"{secs:7.1f} s  {title}")
-    print(f"{total:7.1f} s  total")
+    print(f"total {total:.1f} s\n")
     report = Path(args.workdir) / "report"
-    print(f"\nreport: {report / 'report.md'}\nplot:   {report / 'success.png'}\njson:   {report / 'report.json'}")
+    print((ROOT / report / "report.md").read_text(encoding="utf-8"))
+    print(f"plot: {report / 'success.png'}\njson: {report / 'report.json'}")
     return 0
 
 

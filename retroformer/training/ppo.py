@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from retroformer.config import doc, from_dict, save_config, to_dict
+from retroformer.config import doc, from_dict, to_dict
 from retroformer.errors import ConfigError, DataError
 from retroformer.training.common import LoraSettings, build_lora_config, resume_checkpoint
 
