@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.workdir)
     t0 = time.perf_counter()
     print(f"demo in {args.workdir}: each step's command and output go to {args.workdir}/logs/")
-    timings = run_steps(pipeline(args.workdir, args.seed, args.tiny), f"{args.workdir}/logs")
+    run_steps(pipeline(args.workdir, args.seed, args.tiny), f"{args.workdir}/logs")
     total = time.perf_counter() - t0
     print(f"total {total:.1f} s\n")
     report = Path(args.workdir) / "report"
