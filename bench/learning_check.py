@@ -81,7 +81,9 @@ def recipe(name: str) -> dict:
 def ppo_matched_steps(ppo: dict, sft: dict) -> int:
     """SFT steps that see as many examples as PPO samples (iterations x prompts x samples per prompt); with the demo's
     recipes that is also the number of optimizer steps PPO takes (its epochs over minibatches twice the SFT batch)."""
-    return ppo["num_iterations"] * ppo["batch_size"] * ppo["num_samples_per_prompt"] // sft["per_device_train_batch_size"]
+    return (
+        ppo["num_iterations"] * ppo["batch_size"] * ppo["num_samples_per_prompt"] // sft["per_device_train_batch_size"]
+    )
 
 
 def adapters(workdir: str) -> dict[str, str | None]:

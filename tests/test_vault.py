@@ -97,7 +97,9 @@ def test_ratings_have_the_shape_the_fixed_point_argument_assumes(tmp_path):
                               "scripted_options": {"carry_prob": 0.05, "look_prob": 0.05, "wrong_prob": 0.15}}},
     })  # fmt: skip
     rows = rated_reflection_rows(run_trials(cfg, progress=False).records)
-    answers = {t.task_id: t.payload["answer"] for t in SyntheticSuite(SyntheticSuite.Config(num_tasks=600, seed=7)).tasks()}
+    answers = {
+        t.task_id: t.payload["answer"] for t in SyntheticSuite(SyntheticSuite.Config(num_tasks=600, seed=7)).tasks()
+    }
     by_kind: dict[str, list[float]] = {"plan": [], "wrong": [], "generic": []}
     for row in rows:
         text = row["reflection"]
