@@ -40,7 +40,7 @@ def make_parser():
 def main(argv: list[str] | None = None) -> dict:
     from retroformer.cli import actor_api_key, load_env_file, load_stage_config
     from retroformer.training.common import setup_logging
-    from retroformer.training.ppo import PPORunConfig, run
+    from retroformer.training.ppo_stage import PPORunConfig, run
 
     load_env_file()
     setup_logging()

@@ -40,10 +40,16 @@ class EnvSection:
 @dataclass
 class ActorSection:
     kind: Literal["react", "plan"] = doc(
-        "react: an LLM with a ReAct prompt; plan: the synthetic env's deterministic plan-following actor (no LLM)",
+        "react: an LLM with a ReAct prompt; plan: the synthetic env's plan-following actor (no LLM)",
         "react",
     )
     llm: LLMConfig = doc("the actor's LLM (ignored for kind=plan)", default_factory=LLMConfig)
+    retry: Literal["first", "random"] = doc(
+        "kind=plan: the door it opens on a retry whose memory names none. first: its first guess again "
+        "(deterministic); random: a fresh uniform draw among the other doors, like a sampling LLM actor that a "
+        "useless reflection sometimes leaves lucky",
+        "first",
+    )
     max_observation_chars: int = doc("observations longer than this are truncated in the actor's prompt", 1500)
     max_prompt_chars: int = doc("oldest scratchpad steps are dropped beyond this prompt length", 24000)
 
@@ -68,6 +74,7 @@ class RunSpec(Protocol):
     actor: ActorSection
     reflector: ReflectorSection
     cache_dir: str | None
+    seed: int
 
 
 @dataclass
@@ -80,6 +87,7 @@ class RunAgents:
     cache_dir: str | None = None
     memory_size: int = 3
     concurrency: int = 8
+    seed: int = 0
 
 
 def load_run_spec(run_dir: str | Path) -> RunAgents:
@@ -99,6 +107,7 @@ def load_run_spec(run_dir: str | Path) -> RunAgents:
         cache_dir=data.get("cache_dir"),
         memory_size=int(data.get("memory_size", 3)),
         concurrency=int(data.get("concurrency", 8)),
+        seed=int(data.get("seed", 0)),
     )
 
 
@@ -146,7 +155,7 @@ def _meter(llm, role: str, ledger):
 def build_actor(cfg: RunSpec, suite: EnvSuite, api_key: str | None = None, meter=None) -> Actor:
     """The configured actor; with ``meter`` (a ledger with ``add`` and ``check``) its calls are counted and budgeted."""
     if cfg.actor.kind == "plan":
-        return PlanFollowingActor()
+        return PlanFollowingActor(retry=cfg.actor.retry, seed=cfg.seed)
     llm = _meter(_wrap_cache(build_llm(cfg.actor.llm, api_key=api_key), cfg), "actor", meter)
     return ReActActor(
         llm,

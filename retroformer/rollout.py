@@ -57,6 +57,7 @@ async def run_episode(
     memory: list[str],
     max_steps: int | None = None,
     executor: Executor | None = None,
+    trial: int = 0,
 ) -> EpisodeResult:
     """Run ``actor`` on ``task`` until the env says done or the step budget runs out.
 
@@ -72,7 +73,7 @@ async def run_episode(
     except ENV_FAILURES as exc:
         logger.warning("task %s: environment reset failed: %s", task.task_id, exc)
         return EpisodeResult("", [], Outcome(0.0, False), "env_error", error=f"reset: {exc}")
-    ctx = ActContext(task=task, description=description, memory=list(memory), prompts=prompts)
+    ctx = ActContext(task=task, description=description, memory=list(memory), prompts=prompts, trial=trial)
     usage = Usage()
     invalid = 0
     end_reason: str | None = None
@@ -118,7 +119,12 @@ async def run_episode(
 
 
 async def run_new_episode(
-    suite: EnvSuite, actor: Actor, task: Task, memory: list[str], executor: Executor | None = None
+    suite: EnvSuite,
+    actor: Actor,
+    task: Task,
+    memory: list[str],
+    executor: Executor | None = None,
+    trial: int = 0,
 ) -> EpisodeResult:
     """:func:`run_episode` in a new environment from ``suite.make()``, closed afterwards; an environment that cannot
     be made ends the episode as ``env_error``, one that fails to close is logged."""
@@ -128,7 +134,7 @@ async def run_new_episode(
         logger.warning("task %s: making the environment failed: %s", task.task_id, exc)
         return EpisodeResult("", [], Outcome(0.0, False), "env_error", error=f"make: {exc}")
     try:
-        return await run_episode(suite, env, actor, task, memory, executor=executor)
+        return await run_episode(suite, env, actor, task, memory, executor=executor, trial=trial)
     finally:
         try:
             await _in_thread(executor, env.close)
@@ -177,7 +183,7 @@ class OnlineReflectionScorer:
                 raise DataError(f"task {row['task_id']!r} is not in the run's task list; was the run changed?")
             memory = memory_window([*self._earlier(task.task_id, int(row["trial"])), reflection], self.memory_size)
             async with sem:
-                result = await run_new_episode(self.suite, self.actor, task, memory)
+                result = await run_new_episode(self.suite, self.actor, task, memory, trial=int(row["trial"]) + 1)
             if result.end_reason in ERRORED_END_REASONS:
                 return 0.0  # an errored attempt carries no signal about the reflection
             return result.outcome.return_ - float(row["return_before"])

@@ -430,7 +430,7 @@ async def run_trials_async(
                 if stop.is_set():
                     return None
                 t0 = time.perf_counter()
-                result = await run_new_episode(suite, actor, task, memory, executor=executor)
+                result = await run_new_episode(suite, actor, task, memory, executor=executor, trial=trial)
                 reflection: Reflection | None = None
                 error = result.error
                 if refl is not None and result.end_reason not in ERRORED_END_REASONS and not result.outcome.success:

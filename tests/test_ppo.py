@@ -96,6 +96,63 @@ def test_sequence_kl_and_response_mask():
     assert ppo.sequence_kl(logp, ref, mask).tolist() == [1.5, 0.5, -7.5]
 
 
+def test_response_mask_when_pad_is_eos_ends_at_the_stop_string():
+    # pad == eos == 2: generation stopped by a stop string pads with 2, which must not count as a sampled eos
+    responses = torch.tensor([[5, 6, 2, 2], [5, 9, 2, 2], [7, 8, 9, 10]])
+    assert ppo.response_mask(responses, 2, 2).tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    ends = [3, 2, 4]  # row 1 was stopped by its stop string at token 9: the 2 after it is padding
+    assert ppo.response_mask(responses, 2, 2, ends).tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_stop_string_ends(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["lm"])
+    text_ids = tok("I will open it.", add_special_tokens=False)["input_ids"]
+    stop_ids = tok("\n\n", add_special_tokens=False)["input_ids"]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    row_stopped = text_ids + stop_ids + [pad, pad]
+    row_open = text_ids + [pad] * (len(stop_ids) + 2)
+    ends = ppo.stop_string_ends(tok, torch.tensor([row_stopped, row_open]), "\n\n")
+    assert ends == [len(text_ids) + len(stop_ids), len(row_open)]
+
+
+def test_logprobs_are_those_generate_sampled_from_even_with_lora_dropout(tiny, tmp_path):
+    # token_logprobs in train mode (as in the update) must equal the log-probabilities of the tokens under the
+    # distribution generate() sampled them from; LoRA dropout would break that unless it is disabled
+    from transformers import AutoTokenizer
+
+    cfg = make_cfg(tiny, tmp_path, temperature=0.7, lora=LoraSettings(r=4, alpha=8, dropout=0.5))
+    torch.manual_seed(0)
+    model, _ = ppo.build_policy(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["lm"])
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with torch.no_grad():  # a LoRA update so that the adapter is not the identity
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    enc = tokenizer(["Result: failed\nReflection:", "the way out is the jade door.\nReflection:"],
+                    return_tensors="pt", padding=True)  # fmt: skip
+    model.eval()
+    with torch.no_grad():  # no min_new_tokens: it would renormalise the sampling distribution without eos
+        out = model.generate(**enc, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6,
+                             output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    responses = out.sequences[:, enc["input_ids"].shape[1] :]
+    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+    sampled = sampled.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    attention = torch.cat([enc["attention_mask"], torch.ones_like(responses)], 1)
+    ppo.disable_dropout(model)
+    model.train()
+    with torch.no_grad():
+        mine, _ = ppo.token_logprobs(model, out.sequences, attention, responses.shape[1], 0.7)
+    mask = ppo.response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id).bool()
+    assert mask.sum() >= 4
+    assert torch.allclose(mine[mask], sampled[mask], atol=1e-4), (mine - sampled)[mask].abs().max()
+
+
 def test_config_errors_name_the_field(tiny, tmp_path):
     with pytest.raises(ConfigError, match="num_samples_per_prompt=1 must be >= 2"):
         make_cfg(tiny, tmp_path, num_samples_per_prompt=1)
@@ -143,9 +200,10 @@ def test_first_epoch_ratio_is_one_and_the_update_favours_positive_advantages(tin
 
     batch = ppo.collect_rollout(model, tokenizer, prompts, rows, reward, cfg)
     assert torch.all(batch.advantages[0::2] < 0) and torch.all(batch.advantages[1::2] > 0)
+    ppo.disable_dropout(model)
     model.train()
     new, _ = ppo.token_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, cfg.temperature)
-    assert torch.equal(new * batch.mask, batch.logprobs * batch.mask)
+    assert torch.equal(new * batch.mask, batch.logprobs * batch.mask)  # ratio 1 in train mode
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
     loss, clipfrac, approx_kl = ppo.clipped_surrogate_loss(new, batch.logprobs, batch.advantages, batch.mask, 0.2)

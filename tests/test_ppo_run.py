@@ -258,7 +258,7 @@ def test_trl_algorithms_smoke(tiny_models, tmp_path, stub_rm, algorithm):
 
 
 def test_only_failed_keeps_prompts_whose_reflection_did_not_help(tiny_models, tmp_path):
-    from retroformer.training.ppo import PPORunConfig, load_prompts
+    from retroformer.training.ppo_stage import PPORunConfig, load_prompts
 
     rows = [{"prompt": "a", "success_after": True}, {"prompt": "b", "success_after": False},
             {"prompt": "b", "success_after": False}, {"prompt": "c", "success_after": True}]  # fmt: skip
@@ -294,7 +294,7 @@ def test_ppo_run_as_a_subprocess(tiny_models, tmp_path):
 
 
 def test_errors_before_any_model_is_loaded(tiny_models, tmp_path, stub_rm, monkeypatch):
-    import retroformer.training.ppo as ppo
+    import retroformer.training.ppo_stage as ppo
 
     def no_model(cfg):  # every error below must come before this
         raise AssertionError("a model was loaded")

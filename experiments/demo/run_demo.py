@@ -5,22 +5,27 @@
 Each step is the command a user would type; they are printed as they run:
 
 1. build tiny models (a tokenizer trained here, random weights; nothing is downloaded)
-2. collect rated reflections on the synthetic vault environment (plan-following actor, scripted behaviour reflector)
+2. collect rated reflections on the synthetic vault environment, four behaviour samples per task (a plan-following
+   actor whose blind retries are random; a scripted behaviour reflector that gives a plan that works 10% of the time)
 3. SFT the retrospective model on the reflections that helped (LoRA)
-4. train a reward model on all ratings
+4. train a reward model on the ratings (pairs of reflections of the same prompt)
 5. PPO from the SFT adapter with the online environment reward (LoRA, KL to the SFT adapter; see ppo.yaml)
-6-8. evaluate three reflectors on the same held-out tasks: none (ReAct), the frozen base model (Reflexion-style),
-   the trained adapter (Retroformer)
-9. report: success per trial side by side, a PNG plot and a JSON file
+6-9. evaluate four reflectors on the same held-out tasks: none (ReAct), the frozen base model (Reflexion-style),
+   the SFT adapter, the SFT + PPO adapter (Retroformer)
+10. report: success per trial side by side, a PNG plot and a JSON file
 
 The synthetic environment and its actor are there so that learning can be *shown* on a CPU in minutes: the actor is
-not an LLM, and whether its next attempt succeeds depends only on what the reflection says. See README.md.
+not an LLM, and what its next attempt does depends only on what the reflection says. In it, imitating the reflections
+that were followed by success (SFT) and maximising their effect (PPO) lead to different reflectors: a blind retry is
+lucky one time in three, so most rewarded reflections are generic ones (retroformer/envs/synthetic.py has the
+argument; bench/LEARNING.md measures it). See README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -34,10 +39,74 @@ HERE = Path(__file__).resolve().parent
 #: Shape of the demo's tiny models (``retroformer tiny-models`` flags). initializer_range 0.2 rather than the default
 #: 0.3: at 0.3 the random attention logits are so large (std ~6) that the softmax is saturated and LoRA cannot learn
 #: to attend to the clue; at 0.1 the logits are bounded too tightly (tied embeddings behind the final RMSNorm) for a
-#: LoRA adapter to make the model confident. See bench/LEARNING.md.
+#: LoRA adapter to make the model confident.
 TINY_FLAGS = ["--initializer_range", "0.2"]
-#: Tasks collected for training (~3 rated reflections each, about half of them helpful).
+#: Training tasks (env seed 100 + seed) and behaviour samples per task: each sample is one collect run over the same
+#: tasks with its own reflector and actor seed, so the first reflection prompt of a task is shared by the samples
+#: (the reward model's within-prompt pairs).
 NUM_TASKS = 1024
+NUM_SAMPLES = 4
+#: The behaviour reflector: the clue with probability CARRY, "look around first" with LOOK (both plans that work), a
+#: wrong door with WRONG, a generic sentence otherwise.
+CARRY, LOOK, WRONG = 0.05, 0.05, 0.15
+#: The vault's options: four doors, the clue also on the wall (where `look` shows it).
+VAULT = "num_doors: 4, wall_clue: true"
+#: Held-out tasks (env seed 1000 + seed, never trained on).
+EVAL_TASKS = 256
+
+
+def collect_steps(workdir: str, seed: int) -> list[tuple[str, list[str]]]:
+    """One ``retroformer trials`` run per behaviour sample: ``<workdir>/collect-<k>``."""
+    steps = []
+    for k in range(NUM_SAMPLES):
+        sample_seed = 10 * seed + k
+        steps.append((
+            f"collect rated reflections ({k + 1}/{NUM_SAMPLES})",
+            [sys.executable, "-m", "retroformer.cli", "trials", "--config", str(HERE / "collect.yaml"),
+             "--runs_dir", workdir, "--run_name", f"collect-{k}", "--seed", str(sample_seed),
+             "--env.options", f"{{num_tasks: {NUM_TASKS}, {VAULT}, seed: {100 + seed}}}",
+             "--reflector.llm.scripted_options",
+             f"{{carry_prob: {CARRY}, look_prob: {LOOK}, wrong_prob: {WRONG}, seed: {sample_seed}}}"],
+        ))  # fmt: skip
+    return steps
+
+
+def datasets(workdir: str) -> str:
+    """The rated-reflection datasets of every behaviour sample, as a YAML list for ``--dataset``."""
+    return "[" + ", ".join(f"{workdir}/collect-{k}/datasets/rated_reflections" for k in range(NUM_SAMPLES)) + "]"
+
+
+def sft_step(workdir: str, seed: int, tiny: str, out: str = "sft", extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "sft_run.py", "--config", str(HERE / "sft.yaml"), "--model", f"{tiny}/lm",
+            "--dataset", datasets(workdir), "--output_dir", f"{workdir}/{out}", "--seed", str(seed), *extra]  # fmt: skip
+
+
+def reward_step(workdir: str, seed: int, tiny: str) -> list[str]:
+    return [sys.executable, "reward_run.py", "--config", str(HERE / "reward.yaml"), "--model", f"{tiny}/rm",
+            "--dataset", datasets(workdir), "--output_dir", f"{workdir}/reward", "--seed", str(seed)]  # fmt: skip
+
+
+def ppo_step(workdir: str, seed: int, tiny: str, source: str = "env", out: str = "ppo",
+             extra: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """PPO from the SFT adapter on the prompts of the first behaviour sample (whose run the env reward replays)."""
+    return [sys.executable, "ppo_run.py", "--config", str(HERE / "ppo.yaml"), "--model", f"{tiny}/lm",
+            "--sft_adapter", f"{workdir}/sft", "--reward_source", source, "--reward_model", f"{workdir}/reward",
+            "--env_run_dir", f"{workdir}/collect-0", "--dataset", f"[{workdir}/collect-0/datasets/rated_reflections]",
+            "--output_dir", f"{workdir}/{out}", "--seed", str(seed), *extra]  # fmt: skip
+
+
+def eval_step(workdir: str, seed: int, tiny: str, run_name: str, adapter: str | None = None,
+              reflector: str = "llm", extra: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """The held-out evaluation run ``<workdir>/<run_name>``: ``adapter`` on the tiny base, or no reflector."""
+    argv = [sys.executable, "-m", "retroformer.cli", "trials", "--config", str(HERE / "eval.yaml"),
+            "--runs_dir", workdir, "--run_name", run_name, "--seed", str(seed),
+            "--env.options", f"{{num_tasks: {EVAL_TASKS}, {VAULT}, seed: {1000 + seed}}}",
+            "--reflector.llm.model", f"{tiny}/lm"]  # fmt: skip
+    if reflector == "none":
+        argv += ["--reflector.kind", "none"]
+    if adapter:
+        argv += ["--reflector.llm.adapter", adapter]
+    return argv + list(extra)
 
 
 def pipeline(workdir: str, seed: int, tiny: str | None = None) -> list[tuple[str, list[str]]]:
@@ -48,37 +117,32 @@ def pipeline(workdir: str, seed: int, tiny: str | None = None) -> list[tuple[str
     """
     tiny = tiny or f"{workdir}/tiny"
     py = sys.executable
-    trials = [py, "-m", "retroformer.cli", "trials"]
-    common = ["--runs_dir", workdir, "--seed", str(seed)]
-    evaluate = [*trials, "--config", str(HERE / "eval.yaml"), *common, "--reflector.llm.model", f"{tiny}/lm"]
     return [
-        ("tiny models", [py, "-m", "retroformer.cli", "tiny-models", "--out", tiny, *TINY_FLAGS, "--force", "true"]),
-        ("collect rated reflections",
-         [*trials, "--config", str(HERE / "collect.yaml"), *common,
-          "--env.options", f"{{num_tasks: {NUM_TASKS}, num_doors: 4, seed: {100 + seed}}}",
-          "--reflector.llm.scripted_options", f"{{carry_prob: 0.5, seed: {seed}}}"]),
-        ("SFT", [py, "sft_run.py", "--config", str(HERE / "sft.yaml"), "--model", f"{tiny}/lm",
-                 "--dataset", f"[{workdir}/collect/datasets/rated_reflections]", "--output_dir", f"{workdir}/sft",
-                 "--seed", str(seed)]),
-        ("reward model", [py, "reward_run.py", "--config", str(HERE / "reward.yaml"), "--model", f"{tiny}/rm",
-                          "--dataset", f"[{workdir}/collect/datasets/rated_reflections]",
-                          "--output_dir", f"{workdir}/reward", "--seed", str(seed)]),
-        ("PPO", [py, "ppo_run.py", "--config", str(HERE / "ppo.yaml"), "--model", f"{tiny}/lm",
-                 "--sft_adapter", f"{workdir}/sft", "--reward_model", f"{workdir}/reward",
-                 "--env_run_dir", f"{workdir}/collect",
-                 "--dataset", f"[{workdir}/collect/datasets/rated_reflections]", "--output_dir", f"{workdir}/ppo",
-                 "--seed", str(seed)]),
-        ("evaluate: no reflections (ReAct)", [*evaluate, "--run_name", "eval-none", "--reflector.kind", "none"]),
-        ("evaluate: frozen base reflector (Reflexion)", [*evaluate, "--run_name", "eval-base"]),
-        ("evaluate: SFT reflector", [*evaluate, "--run_name", "eval-sft", "--reflector.llm.adapter", f"{workdir}/sft"]),
+        ("tiny models", [py, "-m", "retroformer.cli", "tiny-models", "--out", tiny, *TINY_FLAGS, "--seed", str(seed),
+                         "--force", "true"]),
+        *collect_steps(workdir, seed),
+        ("SFT", sft_step(workdir, seed, tiny)),
+        ("reward model", reward_step(workdir, seed, tiny)),
+        ("PPO", ppo_step(workdir, seed, tiny)),
+        ("evaluate: no reflections (ReAct)", eval_step(workdir, seed, tiny, "eval-none", reflector="none")),
+        ("evaluate: frozen base reflector (Reflexion)", eval_step(workdir, seed, tiny, "eval-base")),
+        ("evaluate: SFT reflector", eval_step(workdir, seed, tiny, "eval-sft", f"{workdir}/sft")),
         ("evaluate: trained reflector (Retroformer)",
-         [*evaluate, "--run_name", "eval-retroformer", "--reflector.llm.adapter", f"{workdir}/ppo"]),
+         eval_step(workdir, seed, tiny, "eval-retroformer", f"{workdir}/ppo")),
         ("report", [py, "-m", "retroformer.cli", "report", f"{workdir}/eval-none", f"{workdir}/eval-base",
                     f"{workdir}/eval-sft", f"{workdir}/eval-retroformer", "--out", f"{workdir}/report"]),
     ]  # fmt: skip
 
 
-def run_steps(steps: list[tuple[str, list[str]]], log=print) -> list[tuple[str, float]]:
+def run_steps(
+    steps: list[tuple[str, list[str]]], log_dir: str | Path, log=print, progress: bool = True
+) -> list[tuple[str, float]]:
+    """Run each step as a subprocess; its output goes to ``<log_dir>/<NN>-<title>.log``, the console gets one line.
+
+    A failed step shows the end of its log and stops the run (a rerun resumes: every step continues what it finds).
+    """
+    from tqdm.auto import tqdm
+
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -87,16 +151,29 @@ def run_steps(steps: list[tuple[str, list[str]]], log=print) -> list[tuple[str, 
         "TOKENIZERS_PARALLELISM": "false",
         "RETROFORMER_LOG_LEVEL": os.environ.get("RETROFORMER_LOG_LEVEL", "WARNING"),
     }
+    log_dir = ROOT / log_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
     timings = []
+    bar = tqdm(total=len(steps), unit="step", disable=not progress, leave=False)
+    say = bar.write if progress else log
     for i, (title, argv) in enumerate(steps, start=1):
         shown = " ".join(shlex.quote(a) for a in argv).replace(sys.executable, "python")
-        log(f"\n=== step {i}/{len(steps)}: {title}\n$ {shown}", flush=True)
+        path = log_dir / f"{i:02d}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.log"
+        bar.set_description(title)
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, cwd=ROOT, env=env)
+        with path.open("w", encoding="utf-8") as out:
+            out.write(f"$ {shown}\n")
+            out.flush()
+            proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            raise SystemExit(f"step {i} ({title}) failed with exit code {proc.returncode}; see the output above")
+            bar.close()
+            tail = "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:])
+            raise SystemExit(f"{tail}\n\nstep {i} ({title}) failed with exit code {proc.returncode}: the end of its "
+                             f"log is above, the whole log in {path}\n$ {shown}")  # fmt: skip
         timings.append((title, time.perf_counter() - t0))
-        log(f"--- {title}: {timings[-1][1]:.1f} s", flush=True)
+        say(f"step {i:2d}/{len(steps)}  {title:<45s} {timings[-1][1]:6.1f} s")
+        bar.update(1)
+    bar.close()
     return timings
 
 
@@ -116,14 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(args.workdir)
     t0 = time.perf_counter()
-    timings = run_steps(pipeline(args.workdir, args.seed, args.tiny), log=print)
+    print(f"demo in {args.workdir}: each step's command and output go to {args.workdir}/logs/")
+    run_steps(pipeline(args.workdir, args.seed, args.tiny), f"{args.workdir}/logs")
     total = time.perf_counter() - t0
-    print("\n=== timings")
-    for title, secs in timings:
-        print(f"{secs:7.1f} s  {title}")
-    print(f"{total:7.1f} s  total")
+    print(f"total {total:.1f} s\n")
     report = Path(args.workdir) / "report"
-    print(f"\nreport: {report / 'report.md'}\nplot:   {report / 'success.png'}\njson:   {report / 'report.json'}")
+    print((ROOT / report / "report.md").read_text(encoding="utf-8"))
+    print(f"plot: {report / 'success.png'}\njson: {report / 'report.json'}")
     return 0
 
 

@@ -30,6 +30,7 @@ class ActContext:
     memory: list[str]  # reflections, oldest first (already cut to the last m)
     steps: list[Step] = field(default_factory=list)
     prompts: EnvPrompts | None = None
+    trial: int = 0  # which attempt at the task this is (0 = the first)
 
 
 class Actor(Protocol):

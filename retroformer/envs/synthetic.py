@@ -1,14 +1,30 @@
 """A synthetic environment in which the *content of a reflection* decides the next attempt.
 
 Each task is a vault with a few doors; exactly one leads out, and the actor may open only one door per attempt. A
-failed attempt reveals a clue (``the way out is the <name> door``). A reflection that carries the clue forward makes
-the next attempt succeed; one that does not, does not. The door that is right is never the first one listed, so an
-actor without reflections (ReAct) never succeeds: every success is owed to a reflection.
+failed attempt reveals a clue (``the way out is the <name> door``). The right door is never the first one listed,
+and an actor's first guess is the first door, so every task needs at least one retry. With ``wall_clue`` the same
+clue is also scratched on the wall, where ``look`` shows it: an actor that looks before it opens a door succeeds.
 
-It is paired with :class:`PlanFollowingActor`, a deterministic actor that is **not an LLM**: it opens the door that
-its newest reflection names (``open[<name>]`` or ``<name> door``), and otherwise the first door. It exists so that the
-retrospective model's learning can be shown on a CPU in minutes: with this actor, a reflection's rating is exactly
-whether it carried the clue forward. Real experiments use an LLM actor on HotPotQA, ALFWorld or WebShop.
+It is paired with :class:`PlanFollowingActor`, an actor that is **not an LLM**. It follows its newest reflection
+that holds a plan: a door it names (``open[<name>]`` or ``<name> door``), or the advice to look around first (it then
+looks, reads the clue and opens that door). On a retry without a plan it either repeats its first guess (``retry:
+first``, deterministic: a reflection's rating is then exactly whether it carried the clue) or opens a uniformly
+random door among the others (``retry: random``). The second is the shape of a real task: an LLM actor sampling at a
+temperature sometimes succeeds after a useless reflection (a lucky retry), while the right reflection makes success
+certain.
+
+Why ``retry: random`` separates imitation from policy gradient. With ``n`` doors, a reflection after the first
+failure leads to success at the next attempt with probability 1 if it gives a plan that works (the clue's door, or
+"look around first" when the wall shows the clue), ``1 / (n - 1)`` if it gives none (the actor draws among the other
+doors), and 0 if it names a wrong door. Let the behaviour reflector (:class:`ClueReflector`) write a working plan
+with probability ``h``, a wrong door with ``w`` and a generic sentence otherwise (``g = 1 - h - w``). Reward-filtered
+imitation (SFT on reflections rated > 0) fits the distribution of the *rewarded* reflections, whose fixed point is
+``p(working plan) = h / (h + g / (n - 1))``: with ``n = 4, h = 0.1, w = 0.15`` that is 0.29, and the most likely
+(greedy) reflection is the generic one, worth ``1 / 3``. Policy gradient maximises the expected return
+``p(working plan) + p(generic) / (n - 1)``, whose maximum is at ``p(working plan) = 1``, worth 1. More SFT steps on the
+same data move towards the first fixed point, not the second; only the effect of the reflection (its reward) tells
+them apart. Every number here is a property of the task (how often a blind retry is lucky) and of the behaviour
+data; none is chosen for a learner.
 """
 
 from __future__ import annotations
@@ -63,6 +79,9 @@ def corpus() -> list[str]:
         texts.append(env.reset(task))
         texts.append(env.step(f"open[{task.payload['doors'][0]}]").observation)
         texts.append(f"Reflection: The way out is the {task.payload['answer']} door, so I will open it next.")
+        texts.append(f"Reflection: {CLUE_TEMPLATE.format(door=task.payload['answer'])}")
+    texts.append(f"Reflection: {GENERIC_REFLECTION}")
+    texts.append(f"Reflection: {LOOK_REFLECTION}")
     return texts
 
 
@@ -79,6 +98,7 @@ class SyntheticSuite(EnvSuite):
         num_doors: int = doc("doors per vault (2-8)", 4)
         seed: int = doc("seed of the task generator", 0)
         max_steps: int = doc("steps per episode (look does not end the episode)", 3)
+        wall_clue: bool = doc("the clue is also scratched on the wall, where `look` shows it", False)
 
         def __post_init__(self) -> None:
             if not 2 <= self.num_doors <= 8:
@@ -96,13 +116,14 @@ class SyntheticSuite(EnvSuite):
         return out
 
     def make(self) -> TextEnv:
-        return VaultEnv()
+        return VaultEnv(wall_clue=self.config.wall_clue)
 
 
 class VaultEnv(TextEnv):
-    def __init__(self) -> None:
+    def __init__(self, wall_clue: bool = False) -> None:
         self.task: Task | None = None
         self.won = False
+        self.wall_clue = wall_clue
 
     def _describe(self) -> str:
         assert self.task is not None
@@ -118,7 +139,8 @@ class VaultEnv(TextEnv):
         if self.task is None:
             raise RuntimeError("VaultEnv.step() called before reset()")
         if action.strip().lower() == "look":
-            return StepResult(self._describe())
+            wall = f" Scratched on the wall: the way out is the {self.task.payload['answer']} door."
+            return StepResult(self._describe() + (wall if self.wall_clue else ""))
         match = ACTION_RE.match(action)
         doors, answer = self.task.payload["doors"], self.task.payload["answer"]
         if not match or match.group(1).lower() not in doors:
@@ -137,6 +159,8 @@ class VaultEnv(TextEnv):
 
 
 _PLAN_RE = re.compile(r"open\s*\[\s*([a-z]+)\s*\]|\b([a-z]+)\s+door\b", re.IGNORECASE)
+_LOOK_RE = re.compile(r"\blook around\b", re.IGNORECASE)
+_CLUE_RE = re.compile(r"the way out is the ([a-z]+) door")
 
 
 def planned_door(memory: list[str], doors: list[str]) -> str | None:
@@ -149,50 +173,98 @@ def planned_door(memory: list[str], doors: list[str]) -> str | None:
     return None
 
 
-class PlanFollowingActor:
-    """Deterministic, LLM-free actor for the vault: opens the door its memory names, else the first door.
+def plan_of(memory: list[str], doors: list[str]) -> tuple[str, str | None] | None:
+    """The newest reflection's plan: ``("open", door)``, ``("look", None)`` (look around first), or None."""
+    for reflection in reversed(memory):
+        door = planned_door([reflection], doors)
+        if door is not None:
+            return "open", door
+        if _LOOK_RE.search(reflection):
+            return "look", None
+    return None
 
-    Not an LLM. It makes the effect of a reflection on the next attempt exact, so that reflector training can be
-    shown on a CPU. It implements the same ``act`` interface as :class:`retroformer.agents.actor.ReActActor`.
+
+class PlanFollowingActor:
+    """LLM-free actor for the vault: follows the newest plan in its memory; without one, see ``retry``.
+
+    A plan is a door to open, or the advice to look around first (it looks, then opens the door a clue in what it
+    saw names, if any). ``retry="first"``: the first door on every attempt without a plan (deterministic).
+    ``retry="random"``: the first door on the first attempt, then a fresh uniform draw among the other doors on each
+    retry without a plan (a new draw every call, so the online scorer of ``ppo_run.py`` draws again). Not an LLM: it
+    makes the effect of a reflection on the next attempt known exactly, so that reflector training can be shown on a
+    CPU. It implements the ``act`` interface of :class:`retroformer.agents.actor.ReActActor`.
     """
 
-    actor_id = "plan-following-actor"
-    prompt_hash = "plan-following-v1"
+    def __init__(self, retry: str = "first", seed: int = 0) -> None:
+        if retry not in ("first", "random"):
+            raise ConfigError(f"actor.retry must be 'first' or 'random', got {retry!r}")
+        self.retry = retry
+        self._rng = random.Random(seed)
+        self.actor_id = "plan-following-actor" if retry == "first" else "plan-following-actor-random-retry"
+        self.prompt_hash = f"plan-following-v2-{retry}"
 
     async def act(self, ctx) -> tuple[str, str, Usage]:  # ctx: retroformer.agents.actor.ActContext
         doors = ctx.task.payload["doors"]
-        door = planned_door(ctx.memory, doors)
-        if door is None:
-            return "No plan in memory; I try the first door.", f"open[{doors[0]}]", Usage()
-        return f"My reflection says to open the {door} door.", f"open[{door}]", Usage()
+        plan = plan_of(ctx.memory, doors)
+        if plan is not None and plan[0] == "open":
+            return f"My reflection says to open the {plan[1]} door.", f"open[{plan[1]}]", Usage()
+        if plan is not None:
+            seen = [c for step in ctx.steps for c in _CLUE_RE.findall(step.observation) if c in doors]
+            if not ctx.steps:
+                return "My reflection says to look around first.", "look", Usage()
+            if seen:
+                return f"What I saw says the way out is the {seen[-1]} door.", f"open[{seen[-1]}]", Usage()
+        if self.retry == "random" and ctx.trial > 0:
+            door = self._rng.choice(doors[1:])
+            return "No plan that works; my first guess failed, so I try another door.", f"open[{door}]", Usage()
+        return "No plan in memory; I try the first door.", f"open[{doors[0]}]", Usage()
 
 
-_CLUE_RE = re.compile(r"the way out is the ([a-z]+) door")
+_DOORS_RE = re.compile(r"vault with \d+ doors: ([a-z, ]+)\.")
+
+CLUE_TEMPLATE = "I opened the wrong door. The scratch said the way out is the {door} door, so I will open it next."
+LOOK_REFLECTION = "I opened a door without looking around. Next time I will look around first and read the scratches."
+GENERIC_REFLECTION = "I was unlucky with my choice. Next time I should think more carefully before acting."
 
 
 @register_scripted_policy("synthetic-clue")
 class ClueReflector(LLM):
-    """Scripted reflector for the vault: carries the last clue forward with probability ``carry_prob``.
+    """Scripted behaviour reflector for the vault.
 
-    When it does not, it writes a plausible but useless reflection. Seeded by the prompt text, so a rerun writes the
-    same reflections.
+    With probability ``carry_prob`` it carries the last clue forward; with ``look_prob`` it advises looking around
+    first (a plan that works where the wall shows the clue); with ``wrong_prob`` it writes the clue's sentence with
+    a wrong door of the vault (a confident, mistaken reflection); otherwise a plausible but generic one. Seeded by
+    ``seed`` and the prompt text: a rerun writes the same reflections, and runs with different seeds write different
+    reflections for the same prompt (the within-prompt pairs a reward model learns from).
     """
 
-    def __init__(self, carry_prob: float = 0.5, seed: int = 0) -> None:
-        if not 0.0 <= carry_prob <= 1.0:
-            raise ConfigError(f"llm.scripted_options.carry_prob must be in [0, 1], got {carry_prob}")
-        self.carry_prob = carry_prob
+    def __init__(self, carry_prob: float = 0.5, wrong_prob: float = 0.0, look_prob: float = 0.0, seed: int = 0) -> None:
+        probs = (carry_prob, wrong_prob, look_prob)
+        if not (all(0.0 <= p <= 1.0 for p in probs) and sum(probs) <= 1.0):
+            raise ConfigError(
+                "llm.scripted_options.carry_prob, wrong_prob and look_prob must be in [0, 1] and sum to at most 1, "
+                f"got {carry_prob}, {wrong_prob} and {look_prob}"
+            )
+        self.carry_prob, self.wrong_prob, self.look_prob = probs
         self.seed = seed
-        self.model_id = f"scripted-clue-p{carry_prob:g}"
+        self.model_id = f"scripted-clue-p{carry_prob:g}" + "".join(
+            f"-{k}{p:g}" for k, p in (("w", wrong_prob), ("l", look_prob)) if p
+        )
 
     async def generate(self, request: GenerationRequest) -> Completion:
         rng = random.Random(f"{self.seed}:{request.prompt}")
         # The prompt ends with the failed trajectory, so its last clue is this attempt's.
         clues = _CLUE_RE.findall(request.prompt)
-        if clues and rng.random() < self.carry_prob:
-            door = clues[-1]
-            text = f"I opened the wrong door. The scratch said the way out is the {door} door, so I will open it next."
+        draw = rng.random()
+        doors = _DOORS_RE.findall(request.prompt)
+        wrong = [d for d in doors[-1].split(", ") if d != clues[-1]] if clues and doors else []
+        if clues and draw < self.carry_prob:
+            text = CLUE_TEMPLATE.format(door=clues[-1])
+        elif wrong and draw < self.carry_prob + self.wrong_prob:
+            text = CLUE_TEMPLATE.format(door=rng.choice(wrong))
+        elif draw < self.carry_prob + self.wrong_prob + self.look_prob:
+            text = LOOK_REFLECTION
         else:
-            text = "I was unlucky with my choice. Next time I should think more carefully before acting."
+            text = GENERIC_REFLECTION
         usage = Usage(prompt_tokens=len(request.prompt.split()), completion_tokens=len(text.split()), calls=1)
         return Completion(text=text, usage=usage, model_id=self.model_id)

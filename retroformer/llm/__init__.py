@@ -119,11 +119,11 @@ def build_llm(cfg: LLMConfig, api_key: str | None = None) -> LLM:
     """Build the backend ``cfg`` names. ``api_key`` comes from the environment via the calling script."""
     if cfg.backend == "scripted":
         if cfg.scripted_policy:
-            import retroformer.envs.synthetic  # noqa: F401 - registers the built-in scripted policies
-
             if cfg.scripted_policy not in _SCRIPTED_POLICIES:
                 raise ConfigError(
-                    f"unknown scripted policy {cfg.scripted_policy!r}; registered: {sorted(_SCRIPTED_POLICIES)}"
+                    f"unknown scripted policy {cfg.scripted_policy!r}; registered: {sorted(_SCRIPTED_POLICIES)}. "
+                    "A policy is registered by the module that defines it (the vault's 'synthetic-clue' by "
+                    "retroformer.envs.synthetic, loaded with env.name=synthetic); import that module first"
                 )
             return _SCRIPTED_POLICIES[cfg.scripted_policy](**cfg.scripted_options)
         return ScriptedLLM(cfg.scripted_replies, model_id="scripted", cycle=True)

@@ -18,7 +18,8 @@ Choices, and why:
   quantity without extra parameters, as in RLOO (Ahmadian et al., 2024, "Back to Basics") and GRPO (Shao et al.,
   2024, DeepSeekMath). The leave-one-out baseline of RLOO equals this one up to the factor ``G / (G - 1)``, which
   batch normalisation of the advantages (``normalize_advantages``) removes anyway. A prompt whose samples all get the
-  same reward contributes no gradient: nothing distinguishes its reflections.
+  same reward still has advantages when ``kl_coef > 0``: its returns differ by their KL penalties, so its gradient
+  pulls towards the reference; with ``kl_coef = 0`` it contributes no gradient.
 * **KL as a per-sequence penalty on the reward** (Ziegler et al., 2019; Ouyang et al., 2022; RLOO):
   ``returns = reward - kl_coef * sum_t (logp_old - ref_logp)``. With a single terminal reward there is no credit to
   assign across tokens, so shaping every token (as the old TRL PPOTrainer did) buys nothing here; the sequence KL
@@ -27,6 +28,8 @@ Choices, and why:
   ``ratio = exp(logp_new - logp_old)`` and the sequence's advantage ``A`` on each of its tokens, averaged over the
   response tokens of the minibatch; minus ``entropy_coef`` times the mean token entropy.
 * **Log-probabilities** are taken from ``logits / temperature``, the distribution the reflections were sampled from.
+* **No dropout** in the policy during training (LoRA dropout included), as TRL's ``disable_dropout`` does: the old
+  log-probabilities are computed without it, so the ratio of the first update must be exactly 1.
 
 Device placement, DDP and gradient accumulation are accelerate's (:class:`accelerate.Accelerator`). Each process
 samples its own ``batch_size`` prompts per iteration. Checkpoints (``checkpoint-N``: adapter, optimizer, step, RNG
@@ -46,10 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from retroformer.config import doc, from_dict, save_config, to_dict
+from retroformer.config import doc, from_dict, to_dict
 from retroformer.errors import ConfigError, DataError
 from retroformer.tracking import TENSORBOARD_DIR, check_report_to, flat_config, parse_report_to
-from retroformer.training.common import LoraSettings
+from retroformer.training.common import LoraSettings, build_lora_config, resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ RewardFn = Callable[[list[str], list[str], list[dict[str, Any]]], list[float]]
 TRAINING_STATE = "training_state.pt"
 #: Name of the frozen copy of the SFT adapter that serves as the reference; the trained adapter is PEFT's "default".
 REFERENCE_ADAPTER = "reference"
+#: A generated reflection ends at its first blank line.
+STOP_STRING = "\n\n"
 
 
 @dataclass
@@ -225,11 +230,40 @@ def clipped_surrogate_loss(logprobs, old_logprobs, advantages, mask, clip_range:
     return loss, clipfrac, approx_kl
 
 
-def response_mask(responses, eos_token_id: int | None, pad_token_id: int | None):
+def disable_dropout(model) -> None:
+    """Set every dropout probability in ``model`` to 0 (LoRA dropout included), as TRL's ``disable_dropout`` does."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def stop_string_ends(tokenizer, responses, stop: str) -> list[int]:
+    """Per response, the number of tokens up to and including the one that completes ``stop`` (its length if none).
+
+    Generation stopped by a stop string pads the rest of the sequence, and when the pad token is the eos token that
+    padding cannot be told from a sampled eos by the tokens alone: this end can.
+    """
+    ends = []
+    for row in responses.tolist():
+        end = len(row)
+        if stop in tokenizer.decode(row, skip_special_tokens=False):
+            for k in range(1, len(row) + 1):
+                if stop in tokenizer.decode(row[:k], skip_special_tokens=False):
+                    end = k
+                    break
+        ends.append(end)
+    return ends
+
+
+def response_mask(responses, eos_token_id: int | None, pad_token_id: int | None, ends: list[int] | None = None):
     """1 on the tokens a reflection consists of: up to and including its first eos, before the trailing padding.
 
     Generation pads finished sequences with ``pad_token_id``; :func:`sample_reflections` forbids sampling the pad token
-    (when it differs from eos), so trailing pads are always padding.
+    (when it differs from eos), so trailing pads are always padding. ``ends`` (from :func:`stop_string_ends`) cuts
+    each response after its stop string: when pad and eos are the same token, the padding after a stop string
+    would otherwise count as a sampled eos.
     """
     import torch
 
@@ -243,6 +277,8 @@ def response_mask(responses, eos_token_id: int | None, pad_token_id: int | None)
         not_pad = (responses != pad_token_id).flip(1)
         last = torch.where(not_pad.any(1), length - not_pad.int().argmax(1), torch.zeros_like(end))
         end = torch.minimum(end, last)
+    if ends is not None:
+        end = torch.minimum(end, torch.tensor(ends, device=responses.device, dtype=end.dtype))
     return (positions < end.unsqueeze(1)).long()
 
 
@@ -304,7 +340,7 @@ def reference_model(model):
 
 def cut_reflection(text: str) -> str:
     """A generated reflection ends at its first blank line."""
-    return text.split("\n\n", 1)[0].strip()
+    return text.split(STOP_STRING, 1)[0].strip()
 
 
 def sample_reflections(model, tokenizer, prompts: list[str], cfg: PPORunConfig, logits_processor=None):
@@ -326,7 +362,7 @@ def sample_reflections(model, tokenizer, prompts: list[str], cfg: PPORunConfig, 
             top_k=0,
             top_p=1.0,
             max_new_tokens=cfg.max_new_tokens,
-            stop_strings=["\n\n"],
+            stop_strings=[STOP_STRING],
             tokenizer=tokenizer,
             suppress_tokens=suppress,
             logits_processor=LogitsProcessorList(logits_processor or []),
@@ -338,7 +374,8 @@ def sample_reflections(model, tokenizer, prompts: list[str], cfg: PPORunConfig, 
     if responses.shape[1] == 0:  # nothing generated at all: keep one padded position so shapes stay valid
         responses = torch.full((out.shape[0], 1), tokenizer.pad_token_id, device=device, dtype=out.dtype)
         out = torch.cat([out, responses], dim=1)
-    mask = response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ends = stop_string_ends(tokenizer, responses, STOP_STRING)
+    mask = response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id, ends)
     attention_mask = torch.cat([enc["attention_mask"], torch.ones_like(responses)], dim=1)
     texts = [
         cut_reflection(tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True))
@@ -390,8 +427,6 @@ def build_policy(cfg: PPORunConfig):
     import torch
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from retroformer.training.common import build_lora_config
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.sft_adapter or cfg.model)
     tokenizer.padding_side = "left"
@@ -447,8 +482,6 @@ def load_checkpoint(model, optimizer, checkpoint: str | Path, prompt_rng: random
 
 
 def _last_checkpoint(output_dir: Path) -> Path | None:
-    from retroformer.training.common import resume_checkpoint
-
     last = resume_checkpoint(output_dir)
     return Path(last) if last and (Path(last) / TRAINING_STATE).is_file() else None
 
@@ -487,6 +520,7 @@ def train_ppo(
     )
     set_seed(cfg.seed, device_specific=True)  # seeding in one place: sampling differs across processes
     prompt_rng = random.Random(cfg.seed + accelerator.process_index)
+    disable_dropout(model)  # model.train() below must not make the new log-probabilities differ from the old ones
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -595,113 +629,3 @@ def train_ppo(
     if cfg.report_to != "none":
         accelerator.end_training()
     return summary
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The stage: check inputs, load, dispatch to this loop or to TRL.
-
-
-def required_columns(cfg: PPORunConfig) -> list[str]:
-    """Dataset columns the run needs: ``prompt``, plus what the reward source and the prompt filter read."""
-    from retroformer.training.rewards import reward_columns
-
-    cols = ["prompt", *reward_columns(cfg.reward_source)]
-    if cfg.only_failed:
-        cols.append("success_after")
-    return list(dict.fromkeys(cols))
-
-
-def load_prompts(cfg: PPORunConfig, dataset: list[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
-    """The unique prompts of the dataset(s) (``cfg.dataset`` unless given) and, for each, its first row (the reward
-    source may read it)."""
-    from retroformer.training.common import load_rated_dataset
-
-    dataset = cfg.dataset if dataset is None else dataset
-    ds = load_rated_dataset(dataset, required_columns(cfg))
-    seen: dict[str, dict[str, Any]] = {}
-    for row in ds:
-        if cfg.only_failed and row["success_after"]:
-            continue
-        seen.setdefault(row["prompt"], row)
-    if not seen:
-        raise DataError(
-            f"no prompts left in {dataset} (rows: {len(ds)}, only_failed={cfg.only_failed}); "
-            "every logged reflection already led to success; set --only_failed false or add data"
-        )
-    logger.info("%d unique prompts from %d rows", len(seen), len(ds))
-    return list(seen), list(seen.values())
-
-
-#: A next attempt succeeds when its return reaches 1.0: exact match (HotPotQA), won (ALFWorld), score 1.0 (WebShop),
-#: the vault opened (synthetic).
-SUCCESS_RETURN = 1.0
-
-
-def held_out_evaluator(cfg: PPORunConfig, tokenizer, reward):
-    """``evaluate(policy) -> {"eval/reward_mean": ..., "eval/success": ...}`` on the unique prompts of
-    ``cfg.eval_dataset``: one sampled reflection per prompt, scored by ``reward``; ``eval/success`` (reward source
-    ``env``) is the fraction of prompts whose next attempt reaches a return of 1.0 with that reflection."""
-    eval_prompts, eval_rows = load_prompts(cfg, cfg.eval_dataset)
-    chunk = cfg.batch_size * cfg.num_samples_per_prompt
-
-    def evaluate(policy) -> dict[str, float]:
-        policy.eval()
-        texts: list[str] = []
-        for start in range(0, len(eval_prompts), chunk):
-            texts += sample_reflections(policy, tokenizer, eval_prompts[start : start + chunk], cfg)[3]
-        rewards = reward.score(eval_prompts, texts, eval_rows)
-        out = {"eval/reward_mean": sum(rewards) / len(rewards), "eval/num_prompts": float(len(rewards))}
-        if cfg.reward_source == "env":
-            reached = [
-                float(row["return_before"]) + r >= SUCCESS_RETURN for row, r in zip(eval_rows, rewards, strict=True)
-            ]
-            out["eval/success"] = sum(reached) / len(reached)
-        return out
-
-    return evaluate
-
-
-def check_inputs(cfg: PPORunConfig) -> tuple[list[str], list[dict[str, Any]]]:
-    """Everything that can be checked before a model is loaded: paths, dataset shape, reward source."""
-    from retroformer.training.common import check_model_path
-    from retroformer.training.rewards import check_reward_source
-
-    check_model_path(cfg.model, "model")
-    if cfg.sft_adapter:
-        check_model_path(cfg.sft_adapter, "sft_adapter")
-    check_reward_source(cfg)
-    if cfg.eval_steps:
-        load_prompts(cfg, cfg.eval_dataset)  # the held-out set is checked before any model loads too
-    return load_prompts(cfg)
-
-
-def run(cfg: PPORunConfig, api_key: str | None = None, sources: dict[str, str] | None = None) -> dict[str, Any]:
-    """The whole stage: check, load, train with ``cfg.algorithm``, save adapter + tokenizer + config + metrics.
-
-    ``api_key``: for ``reward_source: env`` with an actor behind an OpenAI-compatible API, that endpoint's key (the
-    script reads it from the environment variable the trial run's ``actor.llm.api_key_env`` names). ``sources``
-    (where config values came from) heads the saved config.
-    """
-    from retroformer.training.common import log_config, write_metrics
-    from retroformer.training.rewards import build_reward_source
-
-    log_config(cfg, "ppo")
-    prompts, rows = check_inputs(cfg)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir / "config.yaml", sources)
-    reward = build_reward_source(cfg, api_key=api_key)
-    try:
-        if cfg.algorithm == "ppo":
-            model, tokenizer = build_policy(cfg)
-            evaluate = held_out_evaluator(cfg, tokenizer, reward) if cfg.eval_steps else None
-            metrics = train_ppo(model, tokenizer, prompts, rows, reward.score, cfg, evaluate=evaluate)
-        else:
-            from retroformer.training.trl_pg import train_trl
-
-            metrics = train_trl(cfg, prompts, rows, reward)
-    finally:
-        reward.close()
-    write_metrics(output_dir / "metrics.json", metrics)
-    logger.info("ppo metrics: %s", metrics)
-    return metrics
