@@ -146,9 +146,10 @@ def rm_accuracy(reward_dir: Path, run_dir: Path, num_tasks: int, env_seed: int) 
     return out
 
 
-def run_seed(demo, workdir: str, seed: int, log=print) -> dict:
+def run_seed(demo, workdir: str, seed: int, log=print, resume: bool = False) -> dict:
     root = ROOT / workdir
-    shutil.rmtree(root, ignore_errors=True)  # every step resumes what it finds: measure this recipe, not an older one
+    if not resume:  # every step resumes what it finds: measure this recipe, not an older one
+        shutil.rmtree(root, ignore_errors=True)
     tiny = f"{workdir}/tiny"
     ppo_cfg, sft_cfg = recipe("ppo.yaml"), recipe("sft.yaml")
     sft_steps = sft_cfg["max_steps"]
@@ -162,7 +163,8 @@ def run_seed(demo, workdir: str, seed: int, log=print) -> dict:
         ("SFT", demo.sft_step(workdir, seed, tiny, extra=("--save_steps", str(sft_steps)))),
     ], logs, log=log, progress=False)  # fmt: skip
     # the control continues the SFT run itself: its last checkpoint, resumed with a longer schedule
-    shutil.copytree(root / "sft" / f"checkpoint-{sft_steps}", root / "sft-matched" / f"checkpoint-{sft_steps}")
+    shutil.copytree(root / "sft" / f"checkpoint-{sft_steps}", root / "sft-matched" / f"checkpoint-{sft_steps}",
+                    dirs_exist_ok=resume)  # fmt: skip
     timings += demo.run_steps([
         ("SFT continued (compute-matched control)", demo.sft_step(
             workdir, seed, tiny, "sft-matched", ("--max_steps", str(sft_steps + extra), "--save_steps", str(extra)))),
@@ -336,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/learning-check", help="one run directory per seed under it")
     parser.add_argument("--out", default=str(HERE / "LEARNING.md"), help="markdown; the JSON goes beside it")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep what an interrupted check with the same code and recipes finished; every step "
+                        "continues from what it finds (default: each seed starts from an empty directory)")  # fmt: skip
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per seed (default: the demo's)")
     args = parser.parse_args(argv)
     demo = load_demo()
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         def log(*a, **kw):
             print(f"[seed {seed}]", *a, **kw)
 
-        result = run_seed(demo, f"{args.workdir}/seed{seed}", seed, log=log)
+        result = run_seed(demo, f"{args.workdir}/seed{seed}", seed, log=log, resume=args.resume)
         log(f"success at trial 1 {json.dumps(result['success_trial1'])}", flush=True)
         return result
 
