@@ -315,6 +315,14 @@ def markdown(result: dict) -> str:
         "from its last checkpoint for as many examples as PPO samples (iterations × prompts × samples per prompt of "
         "experiments/demo/ppo.yaml), which is also the number of optimizer steps PPO takes.",
         "",
+        (
+            "Resumed (`--resume`): an earlier run of the same code and recipes had finished the tiny models, the "
+            "collection, SFT, the continued SFT and the reward model of every seed when it was interrupted; their "
+            "times below are those of confirming them (seconds), not of training."
+            if "--resume" in result["command"]
+            else ""
+        ),
+        "",
         "Step wall times (s): "
         + "; ".join(
             f"seed {s}: "
@@ -330,6 +338,11 @@ def markdown(result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def rewrite_markdown(json_path: Path) -> None:
+    """Write the markdown beside ``json_path`` again from the results it holds (no run)."""
+    json_path.with_name("LEARNING.md").write_text(markdown(json.loads(json_path.read_text())))
 
 
 def main(argv: list[str] | None = None) -> int:
