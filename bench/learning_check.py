@@ -146,9 +146,10 @@ def rm_accuracy(reward_dir: Path, run_dir: Path, num_tasks: int, env_seed: int) 
     return out
 
 
-def run_seed(demo, workdir: str, seed: int, log=print) -> dict:
+def run_seed(demo, workdir: str, seed: int, log=print, resume: bool = False) -> dict:
     root = ROOT / workdir
-    shutil.rmtree(root, ignore_errors=True)  # every step resumes what it finds: measure this recipe, not an older one
+    if not resume:  # every step resumes what it finds: measure this recipe, not an older one
+        shutil.rmtree(root, ignore_errors=True)
     tiny = f"{workdir}/tiny"
     ppo_cfg, sft_cfg = recipe("ppo.yaml"), recipe("sft.yaml")
     sft_steps = sft_cfg["max_steps"]
@@ -162,7 +163,8 @@ def run_seed(demo, workdir: str, seed: int, log=print) -> dict:
         ("SFT", demo.sft_step(workdir, seed, tiny, extra=("--save_steps", str(sft_steps)))),
     ], logs, log=log, progress=False)  # fmt: skip
     # the control continues the SFT run itself: its last checkpoint, resumed with a longer schedule
-    shutil.copytree(root / "sft" / f"checkpoint-{sft_steps}", root / "sft-matched" / f"checkpoint-{sft_steps}")
+    shutil.copytree(root / "sft" / f"checkpoint-{sft_steps}", root / "sft-matched" / f"checkpoint-{sft_steps}",
+                    dirs_exist_ok=resume)  # fmt: skip
     timings += demo.run_steps([
         ("SFT continued (compute-matched control)", demo.sft_step(
             workdir, seed, tiny, "sft-matched", ("--max_steps", str(sft_steps + extra), "--save_steps", str(extra)))),
@@ -313,6 +315,14 @@ def markdown(result: dict) -> str:
         "from its last checkpoint for as many examples as PPO samples (iterations × prompts × samples per prompt of "
         "experiments/demo/ppo.yaml), which is also the number of optimizer steps PPO takes.",
         "",
+        (
+            "Resumed (`--resume`): an earlier run of the same code and recipes had finished the tiny models, the "
+            "collection, SFT, the continued SFT and the reward model of every seed when it was interrupted; their "
+            "times below are those of confirming them (seconds), not of training."
+            if "--resume" in result["command"]
+            else ""
+        ),
+        "",
         "Step wall times (s): "
         + "; ".join(
             f"seed {s}: "
@@ -330,12 +340,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def rewrite_markdown(json_path: Path) -> None:
+    """Write the markdown beside ``json_path`` again from the results it holds (no run)."""
+    json_path.with_name("LEARNING.md").write_text(markdown(json.loads(json_path.read_text())))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default="runs/learning-check", help="one run directory per seed under it")
     parser.add_argument("--out", default=str(HERE / "LEARNING.md"), help="markdown; the JSON goes beside it")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep what an interrupted check with the same code and recipes finished; every step "
+                        "continues from what it finds (default: each seed starts from an empty directory)")  # fmt: skip
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per seed (default: the demo's)")
     args = parser.parse_args(argv)
     demo = load_demo()
@@ -347,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         def log(*a, **kw):
             print(f"[seed {seed}]", *a, **kw)
 
-        result = run_seed(demo, f"{args.workdir}/seed{seed}", seed, log=log)
+        result = run_seed(demo, f"{args.workdir}/seed{seed}", seed, log=log, resume=args.resume)
         log(f"success at trial 1 {json.dumps(result['success_trial1'])}", flush=True)
         return result
 
