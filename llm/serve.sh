@@ -170,7 +170,13 @@ case "$BACKEND" in
             LORA=(--enable-lora --max-lora-rank "$MAX_LORA_RANK" --lora-modules)
             IFS=',' read -r -a PAIRS <<<"$ADAPTERS"
             for pair in "${PAIRS[@]}"; do
+                pair="${pair#"${pair%%[![:space:]]*}"}"  # trim spaces, as in "sft=a, ppo=b"
+                pair="${pair%"${pair##*[![:space:]]}"}"
                 [[ -z "$pair" ]] && continue
+                if [[ "$pair" != ?*=?* ]]; then
+                    echo "serve.sh: SERVE_ADAPTERS entry '$pair' is not name=path; write e.g. sft=runs/demo/sft" >&2
+                    exit 2
+                fi
                 LORA+=("$pair")
                 NAMES+=("${pair%%=*}")
             done

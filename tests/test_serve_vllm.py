@@ -274,3 +274,15 @@ def test_vllm_backend_without_vllm_fails_before_starting(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "cannot import vllm" in proc.stderr and "make serve-venv" in proc.stderr
     assert "ready:" not in proc.stdout
+
+
+def test_bad_adapter_spec_fails_before_starting_vllm(tmp_path):
+    reason = _serving_env_missing()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVE_")}
+    env.update({"SERVE_ENV_FILE": str(tmp_path / "no.env"), "SERVE_BACKEND": "vllm", "SERVE_MODEL": str(tmp_path),
+                "SERVE_ADAPTERS": "ppo=runs/b, sft", "SERVE_PORT": str(_free_port()), "PYTHON": sys.executable})  # fmt: skip
+    proc = subprocess.run(["bash", str(ROOT / "llm" / "serve.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "entry 'sft' is not name=path" in proc.stderr and "ready:" not in proc.stdout
