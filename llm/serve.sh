@@ -7,8 +7,10 @@
 # Then point a reflector at it: reflector.llm: {backend: openai, base_url: http://127.0.0.1:8000/v1, model: sft}.
 #
 # Backends:
-#   vllm          `vllm serve $SERVE_MODEL --enable-lora --lora-modules name=path ...` (GPU; used when `import vllm`
-#                 works). The base answers as $SERVE_BASE_NAME, each adapter under its own name.
+#   vllm          vLLM's OpenAI server with `--enable-lora --lora-modules name=path ...`, run by $SERVE_VLLM_PYTHON:
+#                 the serving environment .venv-serve (`make serve-venv`: vLLM's CPU build, whose pins clash with
+#                 the training stack's) when it exists, else $PYTHON when it imports vllm (a GPU install). The base
+#                 answers as $SERVE_BASE_NAME, each adapter under its own name.
 #   transformers  `transformers serve` (CPU fallback). It loads no LoRA adapters, so each adapter is merged into a
 #                 full copy of the base (cached under $SERVE_CACHE_DIR, reused while base and adapter are unchanged)
 #                 and the server runs in a folder of links named base / <adapter names>: a request for model "sft"
@@ -22,6 +24,9 @@
 #   SERVE_PORT           listen port                                         (default: 8000)
 #   SERVE_DTYPE          auto, float32, bfloat16 or float16                  (default: auto)
 #   SERVE_BACKEND        auto, vllm or transformers                          (default: auto: vllm if importable)
+#   SERVE_VLLM_PYTHON    interpreter that runs vLLM                          (default: .venv-serve/bin/python if
+#                                                                            present, else $PYTHON)
+#   SERVE_MAX_LORA_RANK  vllm: largest LoRA rank among the adapters          (default: 16)
 #   SERVE_CACHE_DIR      merged adapter copies and the names folder          (default: runs/serve_cache)
 #   SERVE_READY_TIMEOUT  seconds to wait for the server and its models      (default: 300)
 #   SERVE_EXTRA_ARGS     extra arguments for the server, split on spaces     (default: none)
@@ -51,6 +56,7 @@ esac
 
 VARS=(SERVE_MODEL SERVE_ADAPTERS SERVE_BASE_NAME SERVE_HOST SERVE_PORT SERVE_DTYPE SERVE_BACKEND SERVE_CACHE_DIR
       SERVE_READY_TIMEOUT SERVE_EXTRA_ARGS SERVE_API_KEY PYTHON)
+VARS+=(SERVE_VLLM_PYTHON SERVE_MAX_LORA_RANK VLLM_CPU_KVCACHE_SPACE)
 ENV_FILE="${SERVE_ENV_FILE:-$ROOT/.env}"
 if [[ -f "$ENV_FILE" ]]; then
     # Only the variables above are read from the file, and none is exported: the other secrets of .env (API keys of
@@ -108,8 +114,28 @@ esac
 if [[ -n "${SERVE_API_KEY:-}" ]]; then
     export SERVE_API_KEY # the server and the readiness check need it; it is never put on a command line
 fi
+# --- backend selection ---------------------------------------------------------------------------------------------
+# vLLM lives in its own environment (its CPU build needs an older transformers than training does): .venv-serve,
+# made by `make serve-venv`. Finding the module is enough to choose it; importing vllm takes seconds.
+VLLM_PY="${SERVE_VLLM_PYTHON:-}"
+if [[ -z "$VLLM_PY" ]]; then
+    if [[ -x "$ROOT/.venv-serve/bin/python" ]]; then VLLM_PY="$ROOT/.venv-serve/bin/python"; else VLLM_PY="$PY"; fi
+fi
+has_vllm() {
+    "$VLLM_PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)' >/dev/null 2>&1
+}
 if [[ "$BACKEND" == auto ]]; then
-    if "$PY" -c 'import vllm' >/dev/null 2>&1; then BACKEND=vllm; else BACKEND=transformers; fi
+    if has_vllm; then BACKEND=vllm; else BACKEND=transformers; fi
+elif [[ "$BACKEND" == vllm ]] && ! has_vllm; then
+    echo "serve.sh: SERVE_BACKEND=vllm, but '$VLLM_PY' cannot import vllm; create the serving environment with" \
+        "\`make serve-venv\` (CPU), install vllm beside \$PYTHON (GPU), or point SERVE_VLLM_PYTHON at a Python" \
+        "that has it" >&2
+    exit 2
+fi
+MAX_LORA_RANK="${SERVE_MAX_LORA_RANK:-16}"
+if [[ ! "$MAX_LORA_RANK" =~ ^[0-9]+$ ]]; then
+    echo "serve.sh: SERVE_MAX_LORA_RANK='$MAX_LORA_RANK' is not a number; set the largest adapter rank, e.g. 16" >&2
+    exit 2
 fi
 
 CHILD=""
@@ -141,19 +167,25 @@ case "$BACKEND" in
         LORA=()
         NAMES=("$BASE_NAME")
         if [[ -n "$ADAPTERS" ]]; then
-            LORA=(--enable-lora --lora-modules)
+            LORA=(--enable-lora --max-lora-rank "$MAX_LORA_RANK" --lora-modules)
             IFS=',' read -r -a PAIRS <<<"$ADAPTERS"
             for pair in "${PAIRS[@]}"; do
+                pair="${pair#"${pair%%[![:space:]]*}"}"  # trim spaces, as in "sft=a, ppo=b"
+                pair="${pair%"${pair##*[![:space:]]}"}"
                 [[ -z "$pair" ]] && continue
+                if [[ "$pair" != ?*=?* ]]; then
+                    echo "serve.sh: SERVE_ADAPTERS entry '$pair' is not name=path; write e.g. sft=runs/demo/sft" >&2
+                    exit 2
+                fi
                 LORA+=("$pair")
                 NAMES+=("${pair%%=*}")
             done
         fi
-        VLLM="$(dirname "$PY")/vllm"
-        [[ -x "$VLLM" ]] || VLLM="$(command -v vllm)"
-        VLLM_API_KEY="${SERVE_API_KEY:-}" "$VLLM" serve "$MODEL" --served-model-name "$BASE_NAME" --host "$HOST" \
-            --port "$PORT" --dtype "$DTYPE" \
-            "${LORA[@]}" "${EXTRA[@]}" &
+        # The module, not the `vllm` command: that one looks up a distribution named vllm, and the CPU build's is
+        # vllm-cpu. The KV cache of the CPU build is plain memory, in GiB (ignored on a GPU).
+        export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
+        VLLM_API_KEY="${SERVE_API_KEY:-}" "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$MODEL" \
+            --served-model-name "$BASE_NAME" --host "$HOST" --port "$PORT" --dtype "$DTYPE" "${LORA[@]}" "${EXTRA[@]}" &
         CHILD=$!
         LOAD=()
         ;;
