@@ -173,14 +173,14 @@ def plot_success(loaded: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     styles, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "P")
     for i, (name, s) in enumerate(loaded):
         # A small horizontal offset per run and distinct line styles keep identical curves visible side by side.
-        xs = [t + 0.04 * (i - (len(loaded) - 1) / 2) for t in range(s["trials"])]
+        xs = [t + 0.03 * (i - (len(loaded) - 1) / 2) for t in range(s["trials"])]
         style = {"linestyle": styles[i % len(styles)], "marker": markers[i % len(markers)], "label": name}
         n_tasks = s["num_tasks"]
         cum = s["cumulative_success"]
         line = axes[0].plot(xs, [100 * v for v in cum], **style)[0]
         bands = [wilson_interval(v * n_tasks, n_tasks) for v in cum]
         axes[0].fill_between(xs, [100 * lo for lo, _ in bands], [100 * hi for _, hi in bands], color=line.get_color(),
-                             alpha=0.12, linewidth=0)  # fmt: skip
+                             alpha=0.1, linewidth=0)  # fmt: skip
         per = s["per_attempt_success"]
         axes[1].plot(xs, [float("nan") if v is None else 100 * v for v in per], color=line.get_color(), **style)
         bands = [
@@ -188,7 +188,7 @@ def plot_success(loaded: list[tuple[str, dict[str, Any]]], path: Path) -> None:
         ]
         axes[1].fill_between(xs, [float("nan") if b is None else 100 * b[0] for b in bands],
                              [float("nan") if b is None else 100 * b[1] for b in bands], color=line.get_color(),
-                             alpha=0.12, linewidth=0)  # fmt: skip
+                             alpha=0.1, linewidth=0)  # fmt: skip
     for ax, title in zip(axes, ("cumulative success (95% CI)", "per-attempt success (95% CI)"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("trial")
