@@ -195,7 +195,7 @@ def plot_success(loaded: list[tuple[str, dict[str, Any]]], path: Path) -> None:
         ax.set_xticks(range(max(s["trials"] for _, s in loaded)))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (%)")
-    axes[1].legend(loc="lower right", fontsize=8)
+    axes[1].legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
