@@ -207,13 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=MODEL, help="converted SmolLM2 directory (`retroformer models` writes it)")
     parser.add_argument("--workdir", default="runs/real-lm", help="one run directory per seed under it")
     parser.add_argument("--out", default=str(HERE / "REAL_LM.md"), help="markdown; real_lm.json goes beside it")
-    parser.add_argument("--keep", action="store_true", help="resume what the workdir holds instead of emptying it")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="resume what the workdir holds instead of emptying it; a seed that finished (timings.json) is only read",
+    )
     args = parser.parse_args(argv)
     demo = load_real_demo()
     t0 = time.perf_counter()
     per_seed, timings = {}, {}
     for seed in args.seeds:
         workdir = f"{args.workdir}/seed{seed}"
+        done = ROOT / workdir / "timings.json"
+        if args.keep and done.is_file():
+            # A seed finished by an earlier invocation: read its runs again rather than rerun them.
+            timings[str(seed)] = [tuple(t) for t in json.loads(done.read_text())]
+            per_seed[str(seed)] = seed_result(ROOT / workdir)
+            continue
         if not args.keep:
             shutil.rmtree(ROOT / workdir, ignore_errors=True)
         steps = demo.pipeline(
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             ppo_iterations=args.ppo_iterations, model=args.model,
         )  # fmt: skip
         timings[str(seed)] = demo.load_run_steps()(steps, log=print)
+        done.write_text(json.dumps(timings[str(seed)]) + "\n")
         per_seed[str(seed)] = seed_result(ROOT / workdir)
         print(f"seed {seed}: {json.dumps(per_seed[str(seed)]['success_trial1'])}", flush=True)
     result = {
