@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir, seed, num_tasks=args.num_tasks, train_tasks=args.train_tasks, sft_steps=args.sft_steps,
             ppo_iterations=args.ppo_iterations, model=args.model,
         )  # fmt: skip
-        timings[str(seed)] = demo.load_run_steps()(steps, log=print)
+        timings[str(seed)] = demo.load_run_steps()(steps, f"{workdir}/logs", log=print)
         done.write_text(json.dumps(timings[str(seed)]) + "\n")
         per_seed[str(seed)] = seed_result(ROOT / workdir)
         print(f"seed {seed}: {json.dumps(per_seed[str(seed)]['success_trial1'])}", flush=True)

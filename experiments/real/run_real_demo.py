@@ -110,7 +110,8 @@ def pipeline(
 
 
 def load_run_steps():
-    """The demo's step runner (prints each command, stops at the first failure, returns the wall times)."""
+    """The demo's step runner: one console line per step, its output in ``<log_dir>/<NN>-<title>.log``; it stops at
+    the first failure and returns the wall times."""
     spec = importlib.util.spec_from_file_location("run_demo", ROOT / "experiments" / "demo" / "run_demo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         ppo_iterations=args.ppo_iterations, reward_steps=args.reward_steps, model=args.model,
     )  # fmt: skip
     t0 = time.perf_counter()
-    timings = load_run_steps()(steps, log=print)
+    timings = load_run_steps()(steps, f"{args.workdir}/logs", log=print)
     print("\n=== timings")
     for title, secs in timings:
         print(f"{secs:7.1f} s  {title}")
