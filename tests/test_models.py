@@ -102,7 +102,7 @@ def test_real_model_trials_and_one_ppo_iteration(smollm2, tmp_path):
     from datasets import load_from_disk
 
     from retroformer.config import from_dict
-    from retroformer.training.ppo import PPORunConfig, run
+    from retroformer.training.ppo_stage import PPORunConfig, run
     from retroformer.trials import TrialsConfig, dataset_path, run_trials
 
     llm = {"backend": "hf", "model": str(smollm2), "style": "completion", "device": "cpu", "batch_size": 8,
