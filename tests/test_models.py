@@ -96,6 +96,7 @@ def test_models_cli_reports_missing_package(monkeypatch, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # minutes on a loaded 2-core machine: conversion, 12 episodes, reflections, PPO
 def test_real_model_trials_and_one_ppo_iteration(smollm2, tmp_path):
     """SmolLM2 as the frozen actor and as the reflector for a few vault trials, then one PPO iteration on the
     reflections it wrote, rewarded online by the same real actor; the adapter is saved and can reflect again."""
