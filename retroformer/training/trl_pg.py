@@ -86,7 +86,9 @@ def _trainer_args(cfg: PPORunConfig):
         logging_steps=cfg.logging_steps,
         report_to="none",  # trackers are fed by retroformer.tracking.trainer_callback (ppo/... names)
         bf16=False,
-        gradient_checkpointing=False,
+        # transformers 5 renamed it: `gradient_checkpointing` (TRL's configs default it to True) is a deprecated alias
+        # that warns whenever the new name is unset.
+        activation_checkpointing=False,
     )
     if cfg.algorithm == "grpo":
         return GRPOConfig(
