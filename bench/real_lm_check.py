@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import importlib.util
 import json
-import math
 import os
 import platform
 import shutil
@@ -76,13 +75,14 @@ def mcnemar_exact(a: dict[str, bool], b: dict[str, bool]) -> dict[str, float | i
     tasks = sorted(set(a) & set(b))
     only_a = sum(1 for t in tasks if a[t] and not b[t])
     only_b = sum(1 for t in tasks if b[t] and not a[t])
-    n = only_a + only_b
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n if n else 1.0
-    return {"only_first": only_a, "only_second": only_b, "p": min(1.0, 2 * tail), "n_tasks": len(tasks)}
+    from retroformer.stats import binomial_two_sided
+
+    p = binomial_two_sided(only_a, only_a + only_b)
+    return {"only_first": only_a, "only_second": only_b, "p": p, "n_tasks": len(tasks)}
 
 
 def seed_result(workdir: Path) -> dict:
-    from retroformer.report import wilson_interval
+    from retroformer.stats import wilson_interval
 
     solved = {k: {t: solved_by_trial(workdir / run, t) for t in (0, 1)} for k, (run, _) in CONDITIONS.items()}
     result: dict = {"success_trial0": {}, "success_trial1": {}, "ci95_trial0": {}, "ci95_trial1": {}, "n_tasks": {}}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from retroformer.config import read_yaml
 from retroformer.dataset import rated_reflection_rows
 from retroformer.errors import DataError
 from retroformer.records import config_path, effective_records, read_records, read_task_ids, records_path
+from retroformer.stats import wilson_interval
 from retroformer.types import ERRORED_END_REASONS, EpisodeRecord
 
 logger = logging.getLogger(__name__)
@@ -124,16 +124,6 @@ def load_run(run: str | Path) -> tuple[str, dict[str, Any]]:
     task_ids = read_task_ids(run)
     num_tasks = len(task_ids) if task_ids is not None else len({r.task_id for r in records})
     return run.name, summarize(records, trials, num_tasks=num_tasks)
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``successes / n`` (95% by default); (0, 1) when ``n`` is 0."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def write_report(runs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:
