@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 from retroformer.agents.actor import Actor, ReActActor, ShortPromptActor
 from retroformer.agents.reflector import Reflector
-from retroformer.config import doc, from_dict, read_yaml
+from retroformer.config import check_model_path, doc, from_dict, read_yaml
 from retroformer.envs.base import EnvSuite, Task, make_suite
 from retroformer.envs.synthetic import PlanFollowingActor
 from retroformer.errors import ConfigError, DataError
@@ -115,8 +115,6 @@ def load_run_spec(run_dir: str | Path) -> RunAgents:
 
 def check_model_paths(cfg: RunSpec, roles: tuple[str, ...] = ("actor", "reflector")) -> None:
     """Fail before any episode on an in-process model or adapter path that does not exist (hub ids pass)."""
-    from retroformer.training.common import check_model_path
-
     sections = {
         "actor": (cfg.actor, cfg.actor.kind != "plan"),
         "reflector": (cfg.reflector, cfg.reflector.kind != "none"),

@@ -16,6 +16,8 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import logging
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -25,6 +27,8 @@ from typing import Any, TypeVar
 import yaml
 
 from retroformer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -354,3 +358,37 @@ def resolve_config(
         )
         raise ConfigError(f"{prog or cls.__name__}: {', '.join(missing)} not set. {what}")
     return from_dict(cls, data), sources
+
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether ``path`` reads as a Hub id (``org/name``) rather than a local path."""
+    return bool(_HUB_ID_RE.match(path)) and not path.startswith((".", "/", "~"))
+
+
+def check_model_path(path: str, field_name: str = "model") -> str:
+    """Fail fast on a model path that does not exist. Hub ids (``org/name``) are let through unchecked.
+
+    A local directory must hold a ``config.json`` (a full model) or an ``adapter_config.json`` (a PEFT adapter).
+    """
+    if not path:
+        raise ConfigError(f"{field_name} is empty; pass a local model directory or a Hub id like org/name")
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{field_name}={path!r} is a file; pass the model directory (with config.json)")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{field_name}={path!r} holds no config.json or adapter_config.json; pass a directory written by "
+                "save_pretrained (e.g. runs/tiny/lm from `retroformer tiny-models --out runs/tiny`)"
+            )
+        return path
+    if is_hub_id(path):
+        logger.info("%s=%r is not a local path; treating it as a Hugging Face Hub id", field_name, path)
+        return path
+    raise ConfigError(
+        f"{field_name}={path!r} does not exist; pass an existing model directory (e.g. build tiny ones with "
+        "`retroformer tiny-models --out runs/tiny`) or a Hub id like org/name"
+    )

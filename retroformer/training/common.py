@@ -23,7 +23,6 @@ from retroformer.tracking import check_report_to
 logger = logging.getLogger(__name__)
 
 #: A Hugging Face Hub id: ``org/name`` (one slash, no leading ``.``, ``/`` or ``~``).
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -68,37 +67,6 @@ def build_lora_config(settings: LoraSettings, task_type: str, modules_to_save: S
         task_type=task_type,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         bias="none",
-    )
-
-
-def is_hub_id(path: str) -> bool:
-    """Whether ``path`` reads as a Hub id (``org/name``) rather than a local path."""
-    return bool(_HUB_ID_RE.match(path)) and not path.startswith((".", "/", "~"))
-
-
-def check_model_path(path: str, field_name: str = "model") -> str:
-    """Fail fast on a model path that does not exist. Hub ids (``org/name``) are let through unchecked.
-
-    A local directory must hold a ``config.json`` (a full model) or an ``adapter_config.json`` (a PEFT adapter).
-    """
-    if not path:
-        raise ConfigError(f"{field_name} is empty; pass a local model directory or a Hub id like org/name")
-    p = Path(path).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ConfigError(f"{field_name}={path!r} is a file; pass the model directory (with config.json)")
-        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-            raise ConfigError(
-                f"{field_name}={path!r} holds no config.json or adapter_config.json; pass a directory written by "
-                "save_pretrained (e.g. runs/tiny/lm from `retroformer tiny-models --out runs/tiny`)"
-            )
-        return path
-    if is_hub_id(path):
-        logger.info("%s=%r is not a local path; treating it as a Hugging Face Hub id", field_name, path)
-        return path
-    raise ConfigError(
-        f"{field_name}={path!r} does not exist; pass an existing model directory (e.g. build tiny ones with "
-        "`retroformer tiny-models --out runs/tiny`) or a Hub id like org/name"
     )
 
 

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from retroformer.config import save_config
+from retroformer.config import check_model_path, save_config
 from retroformer.errors import DataError
-from retroformer.training.common import check_model_path, load_rated_dataset, log_config, write_metrics
+from retroformer.training.common import load_rated_dataset, log_config, write_metrics
 from retroformer.training.ppo import PPORunConfig, build_policy, sample_reflections, train_ppo
 from retroformer.training.rewards import build_reward_source, check_reward_source, reward_columns
 from retroformer.training.trl_pg import train_trl

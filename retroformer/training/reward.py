@@ -36,14 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from retroformer.config import doc, save_config, to_dict
+from retroformer.config import check_model_path, doc, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
 from retroformer.tracking import trainer_callback
 from retroformer.training.common import (
     LoraSettings,
     TrainerSettings,
     build_lora_config,
-    check_model_path,
     checkpoint_step,
     load_rated_dataset,
     log_config,
