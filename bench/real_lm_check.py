@@ -191,9 +191,12 @@ def markdown(result: dict) -> str:
         f"Sizes: {json.dumps(result['sizes'])}",
         f"Machine: {result['machine']}",
         f"Date: {result['date']}",
-        f"Wall time: {result['wall_time_s']:.0f} s",
+        f"Wall time of this invocation: {result['wall_time_s']:.0f} s; of the steps, per seed: "
+        + ", ".join(f"{sum(v for _, v in result['timings'][str(s)]):.0f} s" for s in seeds),
         "",
     ]
+    if result.get("note"):
+        lines += ["How the run went: " + result["note"], ""]
     return "\n".join(lines)
 
 
@@ -212,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="resume what the workdir holds instead of emptying it; a seed that finished (timings.json) is only read",
     )
+    parser.add_argument("--note", default="", help="how the run went (interruptions, changed sizes), for the report")
     args = parser.parse_args(argv)
     demo = load_real_demo()
     t0 = time.perf_counter()
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.1f}",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "wall_time_s": time.perf_counter() - t0,
+        "note": args.note,
     }
     # Flat per-seed keys as well (success_trial1, p_ppo_vs_frozen, p_ppo_vs_sft), for readers of the JSON.
     for seed in args.seeds:
