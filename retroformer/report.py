@@ -10,20 +10,30 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from retroformer.config import read_yaml
-from retroformer.dataset import rated_reflection_rows
 from retroformer.errors import DataError
-from retroformer.records import config_path, effective_records, read_records, read_task_ids, records_path
+from retroformer.records import (
+    RecordEntry,
+    config_path,
+    effective_entries,
+    index_records,
+    read_task_ids,
+    record_files,
+    records_path,
+)
 from retroformer.stats import wilson_interval
 from retroformer.types import ERRORED_END_REASONS, EpisodeRecord
 
 logger = logging.getLogger(__name__)
 
 
-def summarize(records: list[EpisodeRecord], trials: int | None = None, num_tasks: int | None = None) -> dict[str, Any]:
+def summarize(
+    records: Iterable[EpisodeRecord], trials: int | None = None, num_tasks: int | None = None
+) -> dict[str, Any]:
     """Success per trial, both ways (DESIGN section 1):
 
     - ``cumulative[i]``: fraction of tasks solved at some trial <= i (a solved task stays solved; the paper's plots).
@@ -31,22 +41,42 @@ def summarize(records: list[EpisodeRecord], trials: int | None = None, num_tasks
     - ``mean_rating[i]``: mean ``G[i+1] - G[i]`` of the reflections written after trial i.
 
     Attempts that a later line of the same (task, trial) replaced are history: counted only in ``replaced_attempts``.
+    ``records`` may be a stream: each is reduced to a :class:`~retroformer.records.RecordEntry` as it comes.
     """
-    all_lines = len(records)
-    records = effective_records(records)
+    entries, lines = effective_entries(RecordEntry.of(r) for r in records)
+    return summarize_entries(entries, lines, trials, num_tasks)
+
+
+def summarize_files(
+    files: Sequence[str | Path], trials: int | None = None, num_tasks: int | None = None
+) -> dict[str, Any]:
+    """:func:`summarize` of records files (read only), streamed; e.g. every file of a sharded run."""
+    entries, lines = index_records(files)
+    return summarize_entries(entries, lines, trials, num_tasks)
+
+
+def summarize_entries(
+    records: list[RecordEntry], all_lines: int, trials: int | None = None, num_tasks: int | None = None
+) -> dict[str, Any]:
+    """:func:`summarize` of the effective entries of a run (the last line of each (task, trial)), ``all_lines`` lines
+    read in all."""
     tasks = sorted({r.task_id for r in records})
     n_tasks = num_tasks if num_tasks is not None else len(tasks)
     n_trials = trials if trials is not None else (max((r.trial for r in records), default=-1) + 1)
-    by_trial: dict[int, list[EpisodeRecord]] = defaultdict(list)
+    by_trial: dict[int, list[RecordEntry]] = defaultdict(list)
     for r in records:
         by_trial[r.trial].append(r)
     first_success: dict[str, int] = {}
     for r in sorted(records, key=lambda r: r.trial):
         if r.success and r.task_id not in first_success:
             first_success[r.task_id] = r.trial
+    # The ratings of the rated-reflection rows (retroformer.dataset): G[i+1] - G[i] where the next attempt finished.
+    by_key = {(r.run_name, r.task_id, r.trial): r for r in records}
     ratings: dict[int, list[float]] = defaultdict(list)
-    for row in rated_reflection_rows(records):
-        ratings[int(row["trial"])].append(float(row["rating"]))
+    for r in records:
+        nxt = by_key.get((r.run_name, r.task_id, r.trial + 1))
+        if r.has_reflection and nxt is not None and nxt.end_reason not in ERRORED_END_REASONS:
+            ratings[r.trial].append(float(nxt.return_ - r.return_))
     cumulative, per_attempt, episodes, mean_rating, num_rated = [], [], [], [], []
     for i in range(n_trials):
         ran = [r for r in by_trial.get(i, []) if r.end_reason not in ERRORED_END_REASONS]
@@ -56,7 +86,7 @@ def summarize(records: list[EpisodeRecord], trials: int | None = None, num_tasks
         rs = ratings.get(i, [])
         mean_rating.append(sum(rs) / len(rs) if rs else None)
         num_rated.append(len(rs))
-    all_ratings = [x for rs in ratings.values() for x in rs]
+    all_ratings = [x for i in sorted(ratings) for x in ratings[i]]
     end_reasons: dict[str, int] = defaultdict(int)
     for r in records:
         end_reasons[r.end_reason] += 1
@@ -107,23 +137,25 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
 
 
 def load_run(run: str | Path) -> tuple[str, dict[str, Any]]:
-    """Summary of a trials run directory (``runs/<name>``)."""
+    """Summary of a trials run directory (``runs/<name>``), across its shards (each task once), streamed."""
     run = Path(run)
-    if not records_path(run).is_file():
+    files = record_files(run)
+    if not files:
         raise DataError(
-            f"{run} has no {records_path(run).relative_to(run)}; pass a directory written by `retroformer trials`"
+            f"{run} has no {records_path(run).relative_to(run)} (nor shard files beside it); pass a directory "
+            "written by `retroformer trials`"
         )
     trials = None
     if config_path(run).is_file():
         trials = int(read_yaml(config_path(run)).get("trials", 0)) or None
     # Read only: the run may be running, and its last line may be in the middle of being written.
-    records = read_records(records_path(run), repair=False, skip_partial=True)
-    if not records:
-        raise DataError(f"{records_path(run)} holds no episodes yet; run the trials first")
+    entries, lines = index_records(files)
+    if not entries:
+        raise DataError(f"{', '.join(map(str, files))} hold no episodes yet; run the trials first")
     # The run's own task list, so tasks a stopped run never reached count as unsolved (older runs: tasks with records).
     task_ids = read_task_ids(run)
-    num_tasks = len(task_ids) if task_ids is not None else len({r.task_id for r in records})
-    return run.name, summarize(records, trials, num_tasks=num_tasks)
+    num_tasks = len(task_ids) if task_ids is not None else len({e.task_id for e in entries})
+    return run.name, summarize_entries(entries, lines, trials, num_tasks=num_tasks)
 
 
 def write_report(runs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from retroformer.agents.memory import memory_window
 from retroformer.builders import build_actor, build_suite, load_run_spec
 from retroformer.envs.base import EnvPrompts, EnvSuite, Outcome, Task, TextEnv
 from retroformer.errors import BudgetExceeded, DataError, EnvError, LLMError
-from retroformer.records import read_records, records_path
+from retroformer.records import iter_run_records
 from retroformer.types import ERRORED_END_REASONS, Step, Usage
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class OnlineReflectionScorer:
     next attempt with the new reflection appended to the memory, and returns the return difference.
     """
 
-    def __init__(self, suite: EnvSuite, actor: Actor, memory_size: int, records: list[Any], concurrency: int = 8):
+    def __init__(self, suite: EnvSuite, actor: Actor, memory_size: int, records: Iterable[Any], concurrency: int = 8):
         self.suite = suite
         self.actor = actor
         self.memory_size = memory_size
@@ -158,16 +159,18 @@ class OnlineReflectionScorer:
         self.concurrency = concurrency
         # Each task's reflections in trial order, indexed once: score() is called on every PPO iteration.
         self._reflections: dict[str, list[tuple[int, str]]] = {}
-        for r in sorted(records, key=lambda r: r.trial):
+        for r in records:  # may be a stream: only the reflections are kept
             if r.reflection is not None:
                 self._reflections.setdefault(r.task_id, []).append((r.trial, r.reflection.text))
+        for texts in self._reflections.values():
+            texts.sort(key=lambda x: x[0])
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, api_key: str | None = None) -> OnlineReflectionScorer:
         spec = load_run_spec(run_dir)
         suite = build_suite(spec)
         actor = build_actor(spec, suite, api_key=api_key)
-        return cls(suite, actor, spec.memory_size, read_records(records_path(run_dir)), spec.concurrency)
+        return cls(suite, actor, spec.memory_size, iter_run_records(run_dir), spec.concurrency)
 
     def _earlier(self, task_id: str, trial: int) -> list[str]:
         return [text for t, text in self._reflections.get(task_id, []) if t < trial]

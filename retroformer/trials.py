@@ -8,6 +8,16 @@ of different tasks run concurrently (asyncio, bounded); trials of one task run i
 appended to ``<runs_dir>/<run_name>/trials/episodes.jsonl`` and flushed, so a killed run loses at most the episodes
 in flight; running the same command again resumes and never records a (task, trial) twice. At the end the rated
 reflections are exported as a Hugging Face dataset (``datasets/rated_reflections``).
+
+A run can be split into shards that run side by side, in processes or on machines sharing the run directory
+(DESIGN section 5)::
+
+    for i in 0 1 2 3; do retroformer trials --config X.yaml --shard $i/4 & done; wait
+
+Shard ``I/N`` runs the tasks whose stable hash of the task id falls in shard I (:func:`~retroformer.records.shard_of`),
+with its own records file and lock, and resumes on its own. The shard that finishes the run last merges the shards into
+the dataset and ``trials/summary.json``; :func:`merge_run` (``retroformer merge runs/<name>``) does it at any time.
+Resume and export stream the records: memory holds a few fields per (task, trial), not the episodes.
 """
 
 from __future__ import annotations
@@ -15,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,15 +55,32 @@ from retroformer.envs.base import EnvSuite, Outcome, Task
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError
 from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, Price, is_local_model, price_for
 from retroformer.records import (
+    RecordEntry,
     RecordWriter,
     RunLock,
+    Shard,
+    config_lock_path,
     config_path,
     dataset_path,
-    read_records,
+    effective_entries,
+    exclusive_lock,
+    index_records,
+    iter_entries,
+    iter_records,
+    iter_records_at,
+    merge_lock_path,
+    parse_shard,
+    read_record_at,
+    read_task_ids,
+    record_files,
     records_path,
+    shard_files,
+    shard_of,
+    summary_path,
+    write_atomic,
     write_task_ids,
 )
-from retroformer.report import summarize
+from retroformer.report import summarize_entries
 from retroformer.rollout import prompts_for, run_new_episode
 from retroformer.types import ERRORED_END_REASONS, EpisodeRecord, Reflection, Usage
 
@@ -104,6 +133,13 @@ class TrialsConfig:
     trials: int = doc("attempts per task (paper: HotPotQA 5, ALFWorld 10-15, WebShop 4)", 3)
     memory_size: int = doc("last m reflections in the actor's prompt (paper: 3)", 3)
     concurrency: int = doc("episodes of different tasks in flight at once", 8)
+    shard: str | None = doc(
+        "run only shard 'I/N' of the tasks (0 <= I < N; a task's shard is a stable hash of its id), e.g. 0/4, so that "
+        "N processes or machines fill one run directory side by side, each with its own records file and lock; the "
+        "shard that finishes the run last merges the dataset (or `retroformer merge runs/<name>`). The budget applies "
+        "to each shard on its own. null: the whole run in one process",
+        None,
+    )
     max_consecutive_errors: int = doc(
         "stop the run (exit code 3) after this many failed attempts in a row, e.g. an API outage, instead of "
         "erroring every task; a rerun resumes and re-attempts them. 0: never stop",
@@ -139,6 +175,8 @@ class TrialsConfig:
             raise ConfigError(f"memory_size must be >= 0, got {self.memory_size}")
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.shard is not None:
+            parse_shard(self.shard)
         if self.max_consecutive_errors < 0:
             raise ConfigError(f"max_consecutive_errors must be >= 0 (0: never stop), got {self.max_consecutive_errors}")
         if self.actor.kind == "plan" and self.env.name != "synthetic":
@@ -157,6 +195,11 @@ class TrialsConfig:
                 f"end), got {self.run_name!r}"
             )
 
+    @property
+    def shard_spec(self) -> Shard | None:
+        """``shard`` as ``(I, N)``, or None for the whole run."""
+        return None if self.shard is None else parse_shard(self.shard)
+
 
 def run_dir(cfg: TrialsConfig) -> Path:
     return Path(cfg.runs_dir) / cfg.run_name
@@ -164,15 +207,58 @@ def run_dir(cfg: TrialsConfig) -> Path:
 
 @dataclass
 class TrialsResult:
+    """What one run (or one shard) did. Its records stay on disk: :meth:`iter_records` streams them."""
+
     run_dir: Path
-    records: list[EpisodeRecord]
+    #: The file this run appended to (``episodes.jsonl``, or the shard's own file).
+    records_file: Path
     new_episodes: int
     wall_time_s: float
+    shard: Shard | None = None
     stopped_by_budget: bool = False
+    #: The rated reflections: exported by an unsharded run, or by the shard that finished the run last.
     dataset_path: Path | None = None
+    #: Success per trial of this run's tasks (of this shard's tasks, for a shard).
     summary: dict = field(default_factory=dict)
     #: Why the run stopped before its end because calls kept failing (the circuit breaker), None if it did not.
     stopped_by_errors: str | None = None
+    #: The merge of every shard, when this shard finished the run last (see :func:`merge_run`).
+    merged: MergeResult | None = None
+
+    def iter_records(self) -> Iterator[EpisodeRecord]:
+        """This run's records, history included, one at a time: its file, and for a shard also the lines of its tasks
+        in the run's unsharded file (a run started whole and continued in shards)."""
+        if self.shard is not None:
+            index, count = self.shard
+            for rec in iter_records(records_path(self.run_dir), repair=False, skip_partial=True):
+                if shard_of(rec.task_id, count) == index:
+                    yield rec
+        yield from iter_records(self.records_file, repair=False, skip_partial=True)
+
+    def iter_entries(self) -> Iterator[RecordEntry]:
+        """The :class:`RecordEntry` of each of :meth:`iter_records` (faster: the steps are not built)."""
+        if self.shard is not None:
+            index, count = self.shard
+            yield from (e for e in iter_entries(records_path(self.run_dir)) if shard_of(e.task_id, count) == index)
+        yield from iter_entries(self.records_file)
+
+    @property
+    def records(self) -> list[EpisodeRecord]:
+        """All of :meth:`iter_records` in a list, read from disk (memory grows with the run: for tests and checks)."""
+        return list(self.iter_records())
+
+
+@dataclass
+class MergeResult:
+    """The merge of a run's records files (its shards): summary, dataset, and how many tasks still have work left."""
+
+    run_dir: Path
+    summary: dict
+    #: Tasks of the run's task list that a run (or shard) would still run or complete.
+    remaining_tasks: int
+    dataset_path: Path | None = None
+    #: The record files merged, name -> size in bytes (the merge of the same files is not redone).
+    record_files: dict[str, int] = field(default_factory=dict)
 
 
 #: Fields that change what a record means; a resumed run must match the first run on each of them. A server's URL may
@@ -236,31 +322,65 @@ def check_resume_config(cfg: TrialsConfig, path: Path) -> None:
         )
 
 
-def _check_resume(
-    existing: list[EpisodeRecord], fingerprint: str, run_name: str, path: Path
-) -> dict[str, dict[int, EpisodeRecord]]:
-    """Each task's current record per trial: the last line of each (task, trial); earlier lines are history.
+def _resume_index(
+    sources: list[tuple[Path, bool]],
+    fingerprint: str,
+    run_name: str,
+    task_ids: set[str],
+    ledger: _Ledger,
+) -> dict[str, dict[int, RecordEntry]]:
+    """Each task's current record per trial, as a compact :class:`RecordEntry` (steps stay on disk): the last line
+    of each (task, trial); earlier lines are history. Streams ``sources`` (path, whether this run owns it: an owned
+    file is repaired, another is only read); counts every line of ``task_ids`` in ``ledger``.
 
     A (task, trial) may have several lines only when each earlier one was replaced for a reason: its episode errored,
     its reflection failed, or it lacked the reflection a later trial needs.
     """
-    by_task: dict[str, dict[int, EpisodeRecord]] = defaultdict(dict)
-    for rec in existing:
-        if rec.task_fingerprint != fingerprint:
-            raise DataError(
-                f"{path} holds episodes of another task list (fingerprint {rec.task_fingerprint}, this run "
-                f"{fingerprint}); use a new run_name or restore the original environment options"
-            )
-        if rec.run_name != run_name:
-            raise DataError(
-                f"{path} holds episodes of run {rec.run_name!r}, not {run_name!r} (was the directory renamed?); "
-                f"ratings pair episodes by run name: run it as run_name={rec.run_name!r}"
-            )
-        prev = by_task[rec.task_id].get(rec.trial)
-        if prev is not None and not (prev.errored or (not prev.success and prev.reflection is None)):
-            raise DataError(f"{path} records task {rec.task_id!r} trial {rec.trial} twice; remove the duplicate line")
-        by_task[rec.task_id][rec.trial] = rec
+    by_task: dict[str, dict[int, RecordEntry]] = defaultdict(dict)
+    for path, own in sources:
+        for offset, rec in iter_records_at(path, repair=own, skip_partial=not own):
+            if rec.task_fingerprint != fingerprint:
+                raise DataError(
+                    f"{path} holds episodes of another task list (fingerprint {rec.task_fingerprint}, this run "
+                    f"{fingerprint}); use a new run_name or restore the original environment options"
+                )
+            if rec.run_name != run_name:
+                raise DataError(
+                    f"{path} holds episodes of run {rec.run_name!r}, not {run_name!r} (was the directory renamed?); "
+                    f"ratings pair episodes by run name: run it as run_name={rec.run_name!r}"
+                )
+            if rec.task_id not in task_ids:
+                continue  # a task of another shard, in the run's unsharded file
+            prev = by_task[rec.task_id].get(rec.trial)
+            if prev is not None and not (prev.errored or (not prev.success and not prev.has_reflection)):
+                raise DataError(
+                    f"{path} records task {rec.task_id!r} trial {rec.trial} twice; remove the duplicate line"
+                )
+            by_task[rec.task_id][rec.trial] = RecordEntry.of(rec, path, offset, keep_text=True)
+            ledger.add("actor", rec.actor_id, rec.actor_usage)
+            if rec.reflection is not None:
+                ledger.add("reflector", rec.reflection.reflector_id, rec.reflection.usage)
     return by_task
+
+
+def _check_shard_layout(out: Path, shard: Shard | None) -> None:
+    """One run directory, one way of splitting it: shards of one N (their tasks do not overlap), and no unsharded run
+    once shards exist (the readers take the unsharded file first, so its later lines would lose to older ones)."""
+    found = shard_files(out)
+    names = ", ".join(p.name for p in found.values())
+    if shard is None and found:
+        counts = sorted({n for _, n in found})
+        raise ConfigError(
+            f"shard: {out} was run in shards ({names}), got shard=null; continue it shard by shard with "
+            f"--shard I/{counts[0]} for I in 0..{counts[0] - 1}, or give this run another run_name"
+        )
+    if shard is not None:
+        other = sorted({n for _, n in found if n != shard[1]})
+        if other:
+            raise ConfigError(
+                f"shard: {out} holds shards of {other[0]} ({names}), got shard={shard[0]}/{shard[1]}; every shard of "
+                f"a run uses the same N: run --shard I/{other[0]}, or give this run another run_name"
+            )
 
 
 class _Ledger:
@@ -313,8 +433,33 @@ class _Breaker:
             self.stop.set()
 
 
-def _needs_run(rec: EpisodeRecord | None) -> bool:
+def _needs_run(rec: RecordEntry | None) -> bool:
     return rec is None or rec.end_reason in ERRORED_END_REASONS
+
+
+def _needs_reflection(done: dict[int, RecordEntry], rec: RecordEntry, trials: int, has_reflector: bool) -> bool:
+    """A failed attempt lacks the reflection the next trial needs (its reflector failed, or ``trials`` was raised)."""
+    nxt = done.get(rec.trial + 1)
+    return (
+        has_reflector
+        and not rec.success
+        and not rec.has_reflection
+        and rec.trial + 1 < trials
+        and (nxt is None or nxt.end_reason in ERRORED_END_REASONS)
+    )
+
+
+def _has_work(done: dict[int, RecordEntry], trials: int, stop_on_success: bool, has_reflector: bool) -> bool:
+    """Whether a run would still run an episode or write a reflection for a task (as ``run_task`` walks it)."""
+    for trial in range(trials):
+        rec = done.get(trial)
+        if _needs_run(rec) or _needs_reflection(done, rec, trials, has_reflector):
+            return True
+        if rec.errored:
+            return False  # a reflector failure the next trial already ran past: the loop goes no further either
+        if stop_on_success and rec.success:
+            return False
+    return False
 
 
 async def run_trials_async(
@@ -336,30 +481,33 @@ async def run_trials_async(
     api_keys = api_keys or {}
     start = time.perf_counter()
     out = run_dir(cfg)
+    shard = cfg.shard_spec
     # The lock first: a run that is refused must be refused at once, before any other work.
-    with RunLock(out), contextlib.ExitStack() as cleanup:
+    with RunLock(out, shard), contextlib.ExitStack() as cleanup:
         check_model_paths(
             cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
         )
+        _check_shard_layout(out, shard)
         check_resume_config(cfg, config_path(out))
-        path = records_path(out)
-        existing = read_records(path)
+        path = records_path(out, shard)
         suite = build_suite(cfg)
         cleanup.callback(suite.close)
         # Environment calls and record writes get threads of their own, as many as episodes run at once (asyncio's
         # default pool holds only min(32, cpus + 4) threads).
         executor = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="trials")
         cleanup.callback(executor.shutdown, wait=False, cancel_futures=True)
-        tasks = select_tasks(cfg, suite)
-        fingerprint = suite.fingerprint(tasks)
-        by_task = _check_resume(existing, fingerprint, cfg.run_name, path)
-        save_config(cfg, config_path(out))
-        write_task_ids(out, [t.task_id for t in tasks])
+        all_tasks = select_tasks(cfg, suite)
+        # The fingerprint of the whole task list: every shard records the same one, so their records merge.
+        fingerprint = suite.fingerprint(all_tasks)
+        tasks = all_tasks if shard is None else [t for t in all_tasks if shard_of(t.task_id, shard[1]) == shard[0]]
         ledger = _Ledger(cfg.budget)
-        for rec in existing:
-            ledger.add("actor", rec.actor_id, rec.actor_usage)
-            if rec.reflection is not None:
-                ledger.add("reflector", rec.reflection.reflector_id, rec.reflection.usage)
+        # A shard also reads (never writes) the run's unsharded file: a run started whole may go on in shards.
+        sources = [(records_path(out), False)] if shard is not None else []
+        by_task = _resume_index([*sources, (path, True)], fingerprint, cfg.run_name, {t.task_id for t in tasks}, ledger)
+        with exclusive_lock(config_lock_path(out)):  # shards starting together: one checks and writes at a time
+            check_resume_config(cfg, config_path(out))
+            save_config(dataclasses.replace(cfg, shard=None), config_path(out))
+        write_task_ids(out, [t.task_id for t in all_tasks])
         # Our own agents count usage per call and check the budget before each call; given ones count per episode.
         metered = (actor is None, reflector == "auto")
         actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_keys.get("actor"), meter=ledger)
@@ -374,16 +522,6 @@ async def run_trials_async(
             stop.set()
         loop = asyncio.get_running_loop()
 
-        def needs_reflection(done: dict[int, EpisodeRecord], rec: EpisodeRecord) -> bool:
-            nxt = done.get(rec.trial + 1)
-            return (
-                refl is not None
-                and not rec.success
-                and rec.reflection is None
-                and rec.trial + 1 < cfg.trials
-                and (nxt is None or nxt.end_reason in ERRORED_END_REASONS)
-            )
-
         todo = 0
         for t in tasks:
             done = by_task.get(t.task_id, {})
@@ -394,9 +532,10 @@ async def run_trials_async(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=todo, desc=f"trials {cfg.run_name}", unit="episode", leave=False)
+            where = cfg.run_name if shard is None else f"{cfg.run_name} shard {shard[0]}/{shard[1]}"
+            bar = tqdm(total=todo, desc=f"trials {where}", unit="episode", leave=False)
         sem = asyncio.Semaphore(cfg.concurrency)
-        new_records: list[EpisodeRecord] = []
+        new_episodes = 0
         writer = RecordWriter(path)
 
         async def reflect(
@@ -411,9 +550,10 @@ async def run_trials_async(
             except BudgetExceeded as exc:
                 return None, f"reflection not written: {exc}"
 
-        async def save(record: EpisodeRecord) -> None:
+        async def save(record: EpisodeRecord) -> RecordEntry:
+            nonlocal new_episodes
             # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
-            new_records.append(record)
+            new_episodes += 1
             if not metered[0]:
                 ledger.add("actor", actor.actor_id, record.actor_usage)
             if not metered[1] and record.reflection is not None:
@@ -423,8 +563,9 @@ async def run_trials_async(
                 stop.set()
             # fsync takes milliseconds: off the event loop, so that other episodes keep running meanwhile.
             await loop.run_in_executor(executor, writer.append, record)
+            return RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
 
-        async def attempt(task: Task, trial: int, reflections: list[str]) -> EpisodeRecord | None:
+        async def attempt(task: Task, trial: int, reflections: list[str]) -> RecordEntry | None:
             memory = memory_window(reflections, cfg.memory_size)
             async with sem:
                 if stop.is_set():
@@ -467,17 +608,19 @@ async def run_trials_async(
                 wall_time_s=round(time.perf_counter() - t0, 4),
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             )
-            await save(record)
+            entry = await save(record)
             if bar is not None:
                 bar.update(1)
-            return record
+            return entry
 
-        async def add_reflection(task: Task, rec: EpisodeRecord, reflections: list[str]) -> EpisodeRecord | None:
-            """Write the reflection ``rec`` lacks, as a line that replaces it (its actor tokens were counted already)."""
+        async def add_reflection(task: Task, entry: RecordEntry, reflections: list[str]) -> RecordEntry | None:
+            """Write the reflection ``entry`` lacks, as a line that replaces it (its actor tokens were counted already)."""
             async with sem:
                 if stop.is_set():
                     return None
                 t0 = time.perf_counter()
+                # The whole record (its steps) is read back from its line only here: resume keeps an index.
+                rec = await loop.run_in_executor(executor, read_record_at, entry.path, entry.offset)
                 try:
                     description = await loop.run_in_executor(executor, _description_of, suite, task)
                 except (EnvError, OSError) as exc:
@@ -495,8 +638,7 @@ async def run_trials_async(
                 wall_time_s=round(time.perf_counter() - t0, 4),
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             )
-            await save(record)
-            return record
+            return await save(record)
 
         async def run_task(task: Task) -> None:
             done = by_task.get(task.task_id, {})
@@ -507,12 +649,12 @@ async def run_trials_async(
                 rec = done.get(trial)
                 if _needs_run(rec):
                     rec = await attempt(task, trial, reflections)
-                elif needs_reflection(done, rec):
+                elif _needs_reflection(done, rec, cfg.trials, refl is not None):
                     rec = await add_reflection(task, rec, reflections)
                 if rec is None or rec.errored:
                     return  # stopped, or failed: a rerun re-attempts it
-                if rec.reflection is not None:
-                    reflections.append(rec.reflection.text)
+                if rec.reflection_text is not None:
+                    reflections.append(rec.reflection_text)
                 if cfg.stop_on_success and rec.success:
                     return
 
@@ -526,17 +668,96 @@ async def run_trials_async(
                 if llm_owner is not None:
                     await llm_owner.aclose()
 
-        records = existing + new_records  # everything on disk now: what was there plus what this run appended
         stopped_by_budget = stop.is_set() and breaker.message is None
-        result = TrialsResult(out, records, len(new_records), time.perf_counter() - start, stopped_by_budget)
+        result = TrialsResult(out, path, new_episodes, time.perf_counter() - start, shard, stopped_by_budget)
         result.stopped_by_errors = breaker.message
-        result.summary = summarize(records, cfg.trials, num_tasks=len(tasks))
+        # Streamed from disk: what was there plus what this run appended, indexed once for the summary and the export.
+        entries, lines = effective_entries(result.iter_entries())
+        result.summary = summarize_entries(entries, lines, cfg.trials, num_tasks=len(tasks))
         result.summary["cost"] = ledger.summary()
         result.summary["stopped_by_budget"] = stopped_by_budget
         result.summary["stopped_by_errors"] = breaker.message
-        if cfg.export_dataset:
-            result.dataset_path = export_rated_reflections(records, dataset_path(out))
+        if cfg.export_dataset and shard is None:
+            result.dataset_path = export_rated_reflections([path], dataset_path(out), index=entries)
+        elif cfg.export_dataset and not stop.is_set():
+            merged = merge_run(
+                out,
+                trials=cfg.trials,
+                stop_on_success=cfg.stop_on_success,
+                has_reflector=refl is not None,
+                task_ids=[t.task_id for t in all_tasks],
+                only_if_complete=True,
+            )
+            if merged is not None:
+                result.merged = merged
+                result.dataset_path = merged.dataset_path
         return result
+
+
+def merge_run(
+    run: str | Path,
+    trials: int | None = None,
+    stop_on_success: bool | None = None,
+    has_reflector: bool | None = None,
+    task_ids: list[str] | None = None,
+    only_if_complete: bool = False,
+) -> MergeResult | None:
+    """Merge every records file of a run (its shards, and the unsharded file): the rated-reflection dataset
+    (``datasets/rated_reflections``, as an unsharded run exports it) and ``trials/summary.json``, each task once.
+
+    ``trials``, ``stop_on_success``, ``has_reflector`` and ``task_ids`` default to the run's saved config and task
+    list. With ``only_if_complete`` (a shard that has finished) nothing is merged, and None returned, while a task still
+    has work left, or when the same files were merged already (two shards finishing together). Merges take a lock
+    of their own, so two never write at once; shards may keep running meanwhile (their partial last lines are skipped).
+    """
+    run = Path(run)
+    saved = read_yaml(config_path(run)) if config_path(run).is_file() else {}
+    trials = trials if trials is not None else int(saved.get("trials") or 0) or None
+    stop_on_success = stop_on_success if stop_on_success is not None else bool(saved.get("stop_on_success", True))
+    if has_reflector is None:
+        has_reflector = (saved.get("reflector") or {}).get("kind", "llm") != "none"
+    task_ids = task_ids if task_ids is not None else read_task_ids(run)
+    with exclusive_lock(merge_lock_path(run)):
+        files = record_files(run)
+        if not files:
+            raise DataError(
+                f"{run} has no records ({records_path(run).name} or episodes.shard-I-of-N.jsonl in trials/); pass a "
+                "run directory written by `retroformer trials`"
+            )
+        entries, lines = index_records(files)
+        done: dict[str, dict[int, RecordEntry]] = defaultdict(dict)
+        for e in entries:
+            done[e.task_id][e.trial] = e
+        ids = task_ids if task_ids is not None else sorted(done)
+        n_trials = trials if trials is not None else max((e.trial for e in entries), default=-1) + 1
+        remaining = sum(1 for t in ids if _has_work(done.get(t, {}), n_trials, stop_on_success, has_reflector))
+        sizes = {p.name: p.stat().st_size for p in files}
+        if only_if_complete:
+            if remaining:
+                logger.info(
+                    "%d tasks of %s have work left in other shards; their last shard merges the run", remaining, run
+                )
+                return None
+            previous = json.loads(summary_path(run).read_text()) if summary_path(run).is_file() else {}
+            merged_before = previous.get("record_files") == sizes and previous.get("remaining_tasks") == 0
+            if merged_before and dataset_path(run).is_dir():
+                return None  # another shard merged these very files a moment ago
+        elif remaining:
+            logger.warning(
+                "%s: %d of %d tasks still have work left (a shard not run, stopped or still running); merging what "
+                "is recorded. Run the missing shards, then merge again",
+                run,
+                remaining,
+                len(ids),
+            )
+        summary = summarize_entries(entries, lines, trials, num_tasks=len(ids))
+        exported = export_rated_reflections(files, dataset_path(run), index=entries)
+        write_atomic(
+            summary_path(run),
+            json.dumps({**summary, "remaining_tasks": remaining, "record_files": sizes}, indent=2) + "\n",
+        )
+    logger.info("merged %s: %d files, %d episodes, %d tasks left", run, len(files), len(entries), remaining)
+    return MergeResult(run, summary, remaining, exported, sizes)
 
 
 def _description_of(suite: EnvSuite, task: Task) -> str:
