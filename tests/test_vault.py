@@ -112,6 +112,22 @@ def test_ratings_have_the_shape_the_fixed_point_argument_assumes(tmp_path):
     assert rewarded.count("generic") / len(rewarded) > 0.6  # imitation of the rewarded ones writes generic
 
 
+def test_blind_retries_do_not_depend_on_how_concurrent_episodes_interleave(tmp_path):
+    def outcomes(concurrency: int) -> dict[tuple[str, int], bool]:
+        cfg = from_dict(TrialsConfig, {
+            "run_name": f"c{concurrency}", "runs_dir": str(tmp_path), "trials": 3, "concurrency": concurrency,
+            "env": {"name": "synthetic", "options": {"num_tasks": 60, "seed": 3}},
+            "actor": {"kind": "plan", "retry": "random"},
+            "reflector": {"llm": {"backend": "scripted", "scripted_policy": "synthetic-clue",
+                                  "scripted_options": {"carry_prob": 0.0}}},
+        })  # fmt: skip
+        return {(r.task_id, r.trial): r.success for r in run_trials(cfg, progress=False).records}
+
+    one, many = outcomes(1), outcomes(16)
+    assert one == many
+    assert 0 < sum(one.values()) < len(one)  # blind retries that sometimes work, not a constant
+
+
 def test_paired_statistics():
     assert binomial_two_sided(0, 10) == pytest.approx(2 / 1024)
     assert binomial_two_sided(5, 10) == 1.0

@@ -215,7 +215,9 @@ class PlanFollowingActor:
     A plan is a door to open, or the advice to look around first (it looks, then opens the door a clue in what it
     saw names, if any). ``retry="first"``: the first door on every attempt without a plan (deterministic).
     ``retry="random"``: the first door on the first attempt, then a fresh uniform draw among the other doors on each
-    retry without a plan (a new draw every call, so the online scorer of ``ppo_run.py`` draws again). Not an LLM: it
+    retry without a plan (a new draw every call, so the online scorer of ``ppo_run.py`` draws again; the n-th draw for
+    a (task, trial) depends only on the seed, the task, the trial and n, not on how concurrent episodes interleave,
+    so a run is reproducible at any ``concurrency``). Not an LLM: it
     makes the effect of a reflection on the next attempt known exactly, so that reflector training can be shown on a
     CPU. It implements the ``act`` interface of :class:`retroformer.agents.actor.ReActActor`.
     """
@@ -224,7 +226,8 @@ class PlanFollowingActor:
         if retry not in ("first", "random"):
             raise ConfigError(f"actor.retry must be 'first' or 'random', got {retry!r}")
         self.retry = retry
-        self._rng = random.Random(seed)
+        self.seed = seed
+        self._draws: dict[tuple[str, int], int] = {}  # (task id, trial) -> draws made so far
         self.actor_id = "plan-following-actor" if retry == "first" else "plan-following-actor-random-retry"
         self.prompt_hash = f"plan-following-v2-{retry}"
 
@@ -240,7 +243,9 @@ class PlanFollowingActor:
             if seen:
                 return f"What I saw says the way out is the {seen[-1]} door.", f"open[{seen[-1]}]", Usage()
         if self.retry == "random" and ctx.trial > 0:
-            door = self._rng.choice(doors[1:])
+            key = (ctx.task.task_id, ctx.trial)
+            n = self._draws[key] = self._draws.get(key, -1) + 1
+            door = random.Random(f"{self.seed}:{key[0]}:{key[1]}:{n}").choice(doors[1:])
             return "No plan that works; my first guess failed, so I try another door.", f"open[{door}]", Usage()
         return "No plan in memory; I try the first door.", f"open[{doors[0]}]", Usage()
 
