@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from retroformer.config import resolve_config, to_dict
@@ -45,6 +46,9 @@ def setup_logging(level: str | None = None) -> None:
     )
     for noisy in ("httpx", "openai", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model (LoRA adapters): a
+    # warning on every stage's console that is not ours to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def load_env_file() -> None:

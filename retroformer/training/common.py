@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,9 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model (LoRA adapters): a
+    # warning on every stage's console that is not ours to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @dataclass(kw_only=True)
