@@ -180,12 +180,14 @@ def markdown(result: dict) -> str:
                           f"{pr['first_quarter']:.3f}, last quarter {pr['last_quarter']:.3f} "
                           f"({pr['iterations']} iterations)."]  # fmt: skip
         lines += ["", "Step wall times (s): " + ", ".join(f"{t} {v:.0f}" for t, v in result["timings"][str(seed)]), ""]
-    deltas = [result["per_seed"][str(s)]["success_trial1"]["ppo"] - result["per_seed"][str(s)]["success_trial1"]["frozen"]
-              for s in seeds]  # fmt: skip
+    lines += ["## Across seeds", ""]
+    for first, second in TESTS:
+        deltas = [result["per_seed"][str(s)]["success_trial1"][first] - result["per_seed"][str(s)]["success_trial1"][second]
+                  for s in seeds]  # fmt: skip
+        ps = [result["per_seed"][str(s)]["tests_trial1"][f"{first}_vs_{second}"]["p"] for s in seeds]
+        lines.append(f"- {first} minus {second}, success after trial 1, per seed: "
+                     + ", ".join(f"{d:+.3f} (p = {p:.2g})" for d, p in zip(deltas, ps, strict=True)))  # fmt: skip
     lines += [
-        "## Across seeds",
-        "",
-        f"PPO minus frozen, success after trial 1, per seed: {', '.join(f'{d:+.3f}' for d in deltas)}.",
         "",
         f"Command: `{result['command']}`",
         f"Sizes: {json.dumps(result['sizes'])}",
@@ -198,6 +200,17 @@ def markdown(result: dict) -> str:
     if result.get("note"):
         lines += ["How the run went: " + result["note"], ""]
     return "\n".join(lines)
+
+
+def command_args(argv: list[str]) -> list[str]:
+    """The command's arguments with the text of ``--note`` left out (the report prints it apart)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--note" and i + 1 < len(out):
+            out[i + 1] = "..."
+        elif arg.startswith("--note="):
+            out[i] = "--note=..."
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "per_seed": per_seed,
         "timings": timings,
         "sizes": {k: getattr(args, k) for k in ("num_tasks", "train_tasks", "sft_steps", "ppo_iterations")},
-        "command": " ".join(["python", "bench/real_lm_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "bench/real_lm_check.py", *command_args(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, load average at the end "
         f"{os.getloadavg()[0]:.1f}",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
