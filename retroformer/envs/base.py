@@ -116,7 +116,7 @@ class EnvSuite(abc.ABC):
     #: Whether ``make`` and the environments' calls may block (a server, a planner, a subprocess, disk): the episode
     #: loop then runs each in a worker thread, so that other episodes go on meanwhile. A suite whose environments live
     #: in memory and answer in microseconds sets False: its calls run on the event loop, where they cost less than the
-    #: two thread switches a worker thread takes (``bench/RESULTS.md``, "Client CPU per call").
+    #: two thread switches a worker thread takes (``bench/RESULTS.md``, section 7).
     blocking: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:

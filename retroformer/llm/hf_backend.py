@@ -10,7 +10,7 @@ batch return milliseconds apart. A fixed window of a few milliseconds then split
 keep alternating, each costing nearly the time of a full one. The batcher therefore expects as many requests as the
 largest of its last few batches, and while fewer have arrived it waits for the rest for up to ``straggler_wait`` times
 the duration of the last ``model.generate`` (10 %: at worst a tenth of the model's time idles; in exchange a batch is
-not split). ``bench/RESULTS.md`` ("The hf micro-batcher") has the measurement.
+not split). ``bench/RESULTS.md`` (section 8) has the measurement.
 
 Decoding follows the OpenAI API's meaning of the parameters: greedy when ``temperature == 0``; otherwise temperature
 and top-p sampling (no top-k), seeded with ``torch.manual_seed(seed)`` when a seed is given (a seeded batch is

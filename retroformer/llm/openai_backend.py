@@ -12,7 +12,7 @@ The API key is held privately and never appears in ``repr``, logs or error messa
 it, in case a server echoes it back). The SDK itself reads a few ``OPENAI_*`` variables (organisation, project) when
 the client is created; base URL and key are always passed explicitly.
 
-Client CPU per call (measured in ``bench/RESULTS.md``, "Client CPU per call"): one SDK client per event loop, whose
+Client CPU per call (measured in ``bench/RESULTS.md``, section 7): one SDK client per event loop, whose
 HTTP connections come from :class:`_Lanes` (one connection per request in flight, handed out in O(1), as many kept
 alive as ``llm.concurrency`` lets be in flight) instead of httpx's pool, which walks every pooled connection and probes
 the idle ones twice per request. Requests go through the SDK's ``post`` (its documented way to reach any endpoint)
