@@ -100,10 +100,10 @@ def run_once(conn, url: str, concurrency: int, tasks_per_slot: int, latency: flo
     return {
         "concurrency": concurrency,
         "tasks": num_tasks,
-        "episodes": len(res.records),
+        "episodes": res.new_episodes,
         "calls": calls,
         "wall_s": wall,
-        "episodes_per_s": len(res.records) / wall,
+        "episodes_per_s": res.new_episodes / wall,
         "calls_per_s": calls / wall,
         "ideal_calls_per_s": concurrency / latency,
         "efficiency": (calls / wall) / (concurrency / latency),

@@ -46,7 +46,11 @@ def prompts_for(suite: EnvSuite, task: Task) -> EnvPrompts:
 ENV_FAILURES = (EnvError, OSError)
 
 
-async def _in_thread(executor: Executor | None, fn, *args):
+async def _env_call(suite: EnvSuite, executor: Executor | None, fn, *args):
+    """``fn(*args)`` in a worker thread of ``executor``, or at once on the event loop for a suite whose calls do not
+    block (:attr:`EnvSuite.blocking` is False): a thread hop costs more CPU than an in-memory step."""
+    if not suite.blocking:
+        return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
 
 
@@ -63,14 +67,15 @@ async def run_episode(
     """Run ``actor`` on ``task`` until the env says done or the step budget runs out.
 
     Environment calls run in worker threads of ``executor`` (None: asyncio's default pool, which holds only
-    ``min(32, cpus + 4)`` threads) so that slow environments (HTTP, planners) do not block other episodes. An LLM
+    ``min(32, cpus + 4)`` threads) so that slow environments (HTTP, planners) do not block other episodes; those of a
+    suite that declares them non-blocking (in-memory ones) run directly. An LLM
     failure after its retries ends the episode as ``llm_error``, an environment failure in ``reset``, ``step`` or
     ``outcome`` as ``env_error``, a spent budget as ``budget`` (all errored: no success, no rating; a rerun
     re-attempts them).
     """
     prompts = prompts_for(suite, task)
     try:
-        description = await _in_thread(executor, env.reset, task)
+        description = await _env_call(suite, executor, env.reset, task)
     except ENV_FAILURES as exc:
         logger.warning("task %s: environment reset failed: %s", task.task_id, exc)
         return EpisodeResult("", [], Outcome(0.0, False), "env_error", error=f"reset: {exc}")
@@ -92,7 +97,7 @@ async def run_episode(
             ctx.steps.append(Step(thought=thought, action="", observation=FORMAT_ERROR, valid=False))
             continue
         try:
-            result = await _in_thread(executor, env.step, action)
+            result = await _env_call(suite, executor, env.step, action)
         except ENV_FAILURES as exc:
             logger.warning("task %s: environment failed: %s", task.task_id, exc)
             ctx.steps.append(Step(thought, action, f"[environment error: {exc}]", 0.0, False))
@@ -106,7 +111,7 @@ async def run_episode(
     else:
         end_reason = "step_limit"
     try:
-        outcome = await _in_thread(executor, env.outcome)
+        outcome = await _env_call(suite, executor, env.outcome)
     except ENV_FAILURES as exc:
         logger.warning("task %s: environment outcome failed: %s", task.task_id, exc)
         return EpisodeResult(
@@ -130,7 +135,7 @@ async def run_new_episode(
     """:func:`run_episode` in a new environment from ``suite.make()``, closed afterwards; an environment that cannot
     be made ends the episode as ``env_error``, one that fails to close is logged."""
     try:
-        env = await _in_thread(executor, suite.make)
+        env = await _env_call(suite, executor, suite.make)
     except ENV_FAILURES as exc:
         logger.warning("task %s: making the environment failed: %s", task.task_id, exc)
         return EpisodeResult("", [], Outcome(0.0, False), "env_error", error=f"make: {exc}")
@@ -138,7 +143,7 @@ async def run_new_episode(
         return await run_episode(suite, env, actor, task, memory, executor=executor, trial=trial)
     finally:
         try:
-            await _in_thread(executor, env.close)
+            await _env_call(suite, executor, env.close)
         except ENV_FAILURES as exc:
             logger.warning("task %s: closing the environment failed: %s", task.task_id, exc)
 

@@ -94,11 +94,9 @@ def test_an_unexpected_exception_of_a_request_is_an_llm_error(monkeypatch):
     llm = backend("http://127.0.0.1:9/v1")
 
     class Broken:
-        class chat:  # noqa: N801 - mimics the SDK's attribute path
-            class completions:  # noqa: N801
-                @staticmethod
-                async def create(**kw):
-                    raise KeyError("choices")
+        @staticmethod
+        async def post(path, **kw):  # the SDK client's method the backend calls
+            raise KeyError("choices")
 
     monkeypatch.setattr(llm, "_bind", lambda: (Broken, asyncio.Semaphore(1)))
     with pytest.raises(LLMError, match="raised KeyError"):

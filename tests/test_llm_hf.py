@@ -4,6 +4,7 @@ concurrent calls, LoRA adapters, stop sequences, truncation, seeded sampling."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -11,9 +12,10 @@ torch = pytest.importorskip("torch")
 
 from retroformer.errors import ConfigError  # noqa: E402
 from retroformer.llm import LLMConfig, build_llm  # noqa: E402
-from retroformer.llm.base import GenerationRequest, SamplingParams  # noqa: E402
+from retroformer.llm.base import Completion, GenerationRequest, SamplingParams  # noqa: E402
 from retroformer.llm.hf_backend import HFBackend  # noqa: E402
 from retroformer.tiny import TinyModelConfig, build_tiny_models  # noqa: E402
+from retroformer.types import Usage  # noqa: E402
 
 PROMPTS = [
     "Task: open the vault. Thought:",
@@ -125,6 +127,62 @@ def test_micro_batcher_groups_by_sampling_params(lm_dir):
     out = asyncio.run(mixed())
     assert sorted(llm.batch_sizes) == [3, 3]
     assert [c.usage.completion_tokens for c in out] == [5, 12] * 3
+
+
+def stub_backend(monkeypatch, generate_s: float, **kw) -> HFBackend:
+    """An HFBackend whose ``model.generate`` is a stub taking ``generate_s`` seconds: the batcher's timing alone."""
+    llm = HFBackend(LLMConfig(backend="hf", model="stub", device="cpu", batch_size=8), **kw)
+    llm._model = object()  # counts as loaded
+
+    def fake_generate(texts, params):
+        time.sleep(generate_s)
+        llm.batch_sizes.append(len(texts))
+        return [Completion(text, Usage(calls=1), "stub") for text, _ in texts]
+
+    monkeypatch.setattr(llm, "format_prompt", lambda prompt, system=None: (prompt, True))
+    monkeypatch.setattr(llm, "_generate_formatted", fake_generate)
+    return llm
+
+
+async def episodes(llm: HFBackend, rounds: int, spread_s: float, n: int = 8) -> None:
+    """``n`` episodes calling the backend ``rounds`` times; after each answer, episode i takes ``i * spread_s / (n-1)``
+    seconds (its environment step) before its next call, so the callers of one batch come back apart."""
+
+    async def episode(i: int) -> None:
+        for r in range(rounds):
+            await llm.generate(GenerationRequest(f"episode {i} step {r}", GREEDY))
+            await asyncio.sleep(i * spread_s / (n - 1))
+
+    await asyncio.gather(*(episode(i) for i in range(n)))
+
+
+def test_eight_episodes_returning_milliseconds_apart_share_one_generate_call(monkeypatch):
+    # Episodes come back over 20 ms, 4x the 5 ms window; the last generate took 0.4 s, so the batcher waits up to 40 ms.
+    llm = stub_backend(monkeypatch, generate_s=0.4)
+    asyncio.run(episodes(llm, rounds=3, spread_s=0.02))
+    assert llm.batch_sizes == [8, 8, 8]
+    # With the fixed window alone, the same episodes split into smaller batches that keep alternating.
+    fixed = stub_backend(monkeypatch, generate_s=0.4, straggler_wait=0.0)
+    asyncio.run(episodes(fixed, rounds=3, spread_s=0.02))
+    assert len(fixed.batch_sizes) > 3 and sum(fixed.batch_sizes) == 24
+
+
+def test_a_lone_caller_after_a_burst_waits_a_tenth_of_a_generate_at_most(monkeypatch):
+    llm = stub_backend(monkeypatch, generate_s=0.3)
+
+    async def burst_then_alone() -> list[float]:
+        await asyncio.gather(*(llm.generate(GenerationRequest(f"p{i}", GREEDY)) for i in range(8)))
+        waits = []
+        for i in range(HFBackend.RECENT_BATCHES + 1):
+            t0 = time.perf_counter()
+            await llm.generate(GenerationRequest(f"alone {i}", GREEDY))
+            waits.append(time.perf_counter() - t0 - 0.3)
+        return waits
+
+    waits = asyncio.run(burst_then_alone())
+    assert llm.batch_sizes == [8] + [1] * (HFBackend.RECENT_BATCHES + 1)
+    assert 0.02 <= waits[0] < 0.3  # it waited for the seven others (30 ms), then went alone
+    assert waits[-1] < 0.02  # four lone batches later, the batcher no longer expects company
 
 
 def test_stop_sequences_cut_the_text(lm_dir):

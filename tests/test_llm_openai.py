@@ -11,7 +11,7 @@ import pytest
 from retroformer.errors import ConfigError, LLMError
 from retroformer.llm import LLMConfig, build_llm
 from retroformer.llm.base import GenerationRequest, SamplingParams
-from retroformer.llm.openai_backend import OpenAIBackend
+from retroformer.llm.openai_backend import OpenAIBackend, _proxy_for
 from retroformer.testing import FakeOpenAIServer, Fault
 
 KEY = "sk-SENTINEL-0123456789abcdef"
@@ -91,6 +91,51 @@ def test_concurrency_is_bounded_by_config():
     assert len(outs) == 12 and len(server.requests) == 12
     # At most 3 at once, and the requests did overlap (so the bound is what held them back).
     assert 2 <= server.max_in_flight <= 3
+
+
+async def waves(llm: OpenAIBackend, waves: int, width: int) -> int:
+    """``waves`` rounds of ``width`` concurrent calls; returns the backend's number of connection lanes at the end."""
+    try:
+        for w in range(waves):
+            await asyncio.gather(*(llm.generate(GenerationRequest(prompt=f"p{w}-{i}")) for i in range(width)))
+        return len(llm._transport.lanes)
+    finally:
+        await llm.aclose()
+
+
+def test_connections_are_reused_and_as_many_as_concurrency_even_after_faults():
+    # Faults that break a connection (reset, timeout) or end a response early (500): their lanes come back for reuse.
+    server = FakeOpenAIServer(latency_s=0.02, faults=["500", "reset", None, "timeout"], timeout_hold_s=10)
+    with server as url:
+        lanes = run(waves(make_backend(url, concurrency=3, timeout_s=0.5), waves=4, width=9))
+    posts = [r for r in server.requests if r.method == "POST"]
+    assert len(posts) == 36 + 3  # every call answered; three retried
+    assert lanes <= 3  # (the server still holds the timed-out request, so its own in-flight count says 4)
+    # A reset or timed-out connection is replaced; the others are kept alive across all 39 requests.
+    assert len({r.client_port for r in posts}) <= 3 + 2
+
+
+def test_all_connections_stay_alive_at_a_concurrency_above_httpx_default_keep_alive():
+    # httpx keeps at most 100 idle connections by default: at concurrency 120, every wave would reconnect 20 of them.
+    server = FakeOpenAIServer(latency_s=0.05)
+    with server as url:
+        lanes = run(waves(make_backend(url, concurrency=120), waves=3, width=120))
+    posts = [r for r in server.requests if r.method == "POST"]
+    assert len(posts) == 360
+    assert lanes == len({r.client_port for r in posts}) <= 120
+
+
+def test_environment_proxies_apply_to_the_lanes_as_to_httpx_default_client(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert _proxy_for("https://api.openai.com/v1") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert _proxy_for("https://api.openai.com/v1") == "http://proxy.example:3128"
+    assert _proxy_for("http://127.0.0.1:8000/v1") is None  # NO_PROXY, and no HTTP_PROXY either
+    monkeypatch.setenv("ALL_PROXY", "http://all.example:1080")
+    assert _proxy_for("http://10.1.2.3:8000/v1") == "http://all.example:1080"
+    assert _proxy_for("http://localhost:8000/v1") is None
 
 
 @pytest.mark.parametrize(

@@ -293,6 +293,7 @@ def test_environment_calls_run_as_concurrently_as_the_run_allows(tmp_path, monke
             return super().reset(task)
 
     monkeypatch.setattr(SyntheticSuite, "make", lambda self: SlowVault())
+    monkeypatch.setattr(SyntheticSuite, "blocking", True)  # this reset blocks: worker threads, as for a real env
     cfg = cfg_for(tmp_path, trials=1, concurrency=16, **{"env.options": {"num_tasks": 16}})
     run_trials(cfg, progress=False)
     assert state["max"] == 16  # asyncio's default pool holds min(32, cpus + 4) threads: 6 on two cores

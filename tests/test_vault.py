@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 
 import pytest
 
@@ -18,10 +19,11 @@ from retroformer.envs.synthetic import (
     ClueReflector,
     PlanFollowingActor,
     SyntheticSuite,
+    VaultEnv,
 )
 from retroformer.errors import ConfigError
 from retroformer.llm.base import GenerationRequest, SamplingParams
-from retroformer.rollout import run_episode
+from retroformer.rollout import run_episode, run_new_episode
 from retroformer.stats import binomial_two_sided, mcnemar_exact, paired_bootstrap_diff, wilson_interval
 from retroformer.trials import TrialsConfig, run_trials
 
@@ -45,6 +47,40 @@ def test_blind_retries_are_random_among_the_other_doors():
     assert opened == set(task.payload["doors"][1:])  # never the first guess again, every other door
     same = PlanFollowingActor(retry="first")
     assert asyncio.run(same.act(ActContext(task=task, description="", memory=["hm"], trial=1)))[1] == first
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_environment_calls_run_in_worker_threads_unless_the_suite_says_they_do_not_block(blocking):
+    threads: dict[str, int] = {}
+
+    class Vault(VaultEnv):
+        def reset(self, task):
+            threads["reset"] = threading.get_ident()
+            return super().reset(task)
+
+        def step(self, action):
+            threads["step"] = threading.get_ident()
+            return super().step(action)
+
+        def outcome(self):
+            threads["outcome"] = threading.get_ident()
+            return super().outcome()
+
+        def close(self):
+            threads["close"] = threading.get_ident()
+
+    class Suite(SyntheticSuite):
+        def make(self):
+            threads["make"] = threading.get_ident()
+            return Vault()
+
+    Suite.blocking = blocking
+    suite = Suite(SyntheticSuite.Config(num_tasks=1))
+    result = asyncio.run(run_new_episode(suite, PlanFollowingActor(), suite.tasks()[0], []))
+    assert result.end_reason == "done" and set(threads) == {"make", "reset", "step", "outcome", "close"}
+    on_the_loop = {name for name, ident in threads.items() if ident == threading.get_ident()}
+    assert on_the_loop == (set() if blocking else set(threads))
+    assert SyntheticSuite.blocking is False  # the vault is in memory
 
 
 def test_plans_that_work_and_plans_that_do_not():

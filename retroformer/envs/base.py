@@ -113,6 +113,11 @@ class EnvSuite(abc.ABC):
     prompts: EnvPrompts
     #: The short completion prompt for small actors, where the environment has one (``actor.kind: short``).
     short_prompts: ClassVar[ShortPrompts | None] = None
+    #: Whether ``make`` and the environments' calls may block (a server, a planner, a subprocess, disk): the episode
+    #: loop then runs each in a worker thread, so that other episodes go on meanwhile. A suite whose environments live
+    #: in memory and answer in microseconds sets False: its calls run on the event loop, where they cost less than the
+    #: two thread switches a worker thread takes (``bench/RESULTS.md``, section 7).
+    blocking: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -5,6 +5,13 @@ requests that arrive within a few milliseconds, groups those that share sampling
 one left-padded ``model.generate`` call in a worker thread, so that they share forward passes. Training code can call
 the synchronous :meth:`HFBackend.generate_batch` directly.
 
+Episodes do not come back at the same moment: between two calls each one steps its environment, so the callers of one
+batch return milliseconds apart. A fixed window of a few milliseconds then splits them into two smaller batches that
+keep alternating, each costing nearly the time of a full one. The batcher therefore expects as many requests as the
+largest of its last few batches, and while fewer have arrived it waits for the rest for up to ``straggler_wait`` times
+the duration of the last ``model.generate`` (10 %: at worst a tenth of the model's time idles; in exchange a batch is
+not split). ``bench/RESULTS.md`` (section 8) has the measurement.
+
 Decoding follows the OpenAI API's meaning of the parameters: greedy when ``temperature == 0``; otherwise temperature
 and top-p sampling (no top-k), seeded with ``torch.manual_seed(seed)`` when a seed is given (a seeded batch is
 reproducible for the same batch composition). The model's own ``generation_config`` contributes only its special
@@ -13,7 +20,9 @@ token ids, not its sampling defaults (e.g. a repetition penalty), so results do 
 Prompts: in chat style, when the tokenizer has a chat template, system + user messages are rendered with it (as an
 OpenAI-compatible server hosting the same model would); otherwise the system text, a blank line and the prompt.
 Prompts longer than ``cfg.max_prompt_tokens`` keep their last tokens (and a leading BOS token, if the tokenizer adds
-one). Stop sequences stop generation early through ``stop_strings`` and are always cut client-side.
+one). Stop sequences stop generation early (transformers' ``StopStringCriteria``, built once per set of stop sequences:
+building it reads and sorts the whole vocabulary, about 0.1 s on a CPU, which ``generate(stop_strings=...)`` would
+spend on every call) and are always cut client-side.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,17 +86,26 @@ def weights_fingerprint(model: str) -> str:
 class HFBackend(LLM):
     """A local causal LM (plus an optional LoRA adapter), loaded on first use or by :meth:`load`.
 
-    ``batch_wait_s`` is how long the micro-batcher waits after the first request of a batch for others to join.
+    ``batch_wait_s`` is how long the micro-batcher waits after the first request of a batch for others to join;
+    ``straggler_wait`` (a fraction of the last ``model.generate``'s duration) how much longer it waits while fewer
+    requests have arrived than its recent batches held (see the module docstring).
     ``batch_sizes`` lists the size of every ``model.generate`` call run so far.
     """
 
-    def __init__(self, cfg: LLMConfig, *, batch_wait_s: float = 0.005) -> None:
+    #: How many recent batches set the number of requests the micro-batcher expects.
+    RECENT_BATCHES = 4
+
+    def __init__(self, cfg: LLMConfig, *, batch_wait_s: float = 0.005, straggler_wait: float = 0.1) -> None:
         if cfg.dtype not in _DTYPES:
             raise ConfigError(f"llm.dtype={cfg.dtype!r} is not one of {_DTYPES}")
         self.cfg = cfg
         self.style = cfg.style
         self.batch_wait_s = batch_wait_s
+        self.straggler_wait = straggler_wait
         self.batch_sizes: list[int] = []
+        self._recent: deque[int] = deque(maxlen=self.RECENT_BATCHES)
+        self._last_generate_s = 0.0
+        self._stop_criteria: dict[tuple[str, ...], Any] = {}
         self.usage = Usage()
         self._model: Any = None
         self._tokenizer: Any = None
@@ -190,9 +210,13 @@ class HFBackend(LLM):
 
         tokenizer = self._tokenizer
         limit = self.cfg.max_prompt_tokens
+        flags = {special for _, special in texts}
+        if len(flags) == 1:  # the usual case: one call for the whole batch (a fast tokenizer encodes it in parallel)
+            encoded = tokenizer([text for text, _ in texts], add_special_tokens=flags.pop())["input_ids"]
+        else:
+            encoded = [tokenizer(text, add_special_tokens=special)["input_ids"] for text, special in texts]
         rows: list[list[int]] = []
-        for text, special in texts:
-            ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+        for ids, (_, special) in zip(encoded, texts, strict=True):
             if len(ids) > limit:
                 keep_bos = special and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
                 ids = [ids[0], *ids[-(limit - 1) :]] if keep_bos and limit > 1 else ids[-limit:]
@@ -219,10 +243,22 @@ class HFBackend(LLM):
             fields.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
             fields.update(do_sample=False)
-        stops = [s for s in params.stop if s]
-        if stops:
-            fields["stop_strings"] = stops
         return GenerationConfig(**fields)
+
+    def _stopping_criteria(self, params: SamplingParams) -> Any:
+        """A ``StoppingCriteriaList`` for the stop sequences of ``params`` (None without any), built once per set."""
+        from transformers import StoppingCriteriaList
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        stops = tuple(s for s in params.stop if s)
+        if not stops:
+            return None
+        criterion = self._stop_criteria.get(stops)
+        if criterion is None:
+            if len(self._stop_criteria) >= 16:  # a run uses a handful of stop sets; bound the memory anyway
+                self._stop_criteria.clear()
+            criterion = self._stop_criteria[stops] = StopStringCriteria(self._tokenizer, list(stops))
+        return StoppingCriteriaList([criterion])
 
     def _eos_ids(self, gen_config: Any) -> set[int]:
         eos = gen_config.eos_token_id
@@ -257,6 +293,7 @@ class HFBackend(LLM):
 
         input_ids, mask, prompt_lens = self._encode(texts)
         gen_config = self._generation_config(params)
+        stopping = self._stopping_criteria(params)
         if gen_config.do_sample and params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
@@ -264,7 +301,7 @@ class HFBackend(LLM):
                 input_ids=input_ids,
                 attention_mask=mask,
                 generation_config=gen_config,
-                tokenizer=self._tokenizer if gen_config.stop_strings else None,
+                stopping_criteria=stopping,
             )
         self.batch_sizes.append(len(texts))
         new_tokens = output[:, input_ids.shape[1] :].tolist()
@@ -309,21 +346,27 @@ class HFBackend(LLM):
         return await future
 
     async def _collect(self, queue: asyncio.Queue) -> list[tuple[GenerationRequest, asyncio.Future]]:
-        """The first waiting request plus those arriving within ``batch_wait_s`` (at most 4 batches' worth)."""
+        """The first waiting request plus those arriving within ``batch_wait_s``, or, while fewer have come than the
+        largest of the recent batches, within ``straggler_wait`` x the last generate's duration (at most 4 batches'
+        worth)."""
         loop = asyncio.get_running_loop()
         items = [await queue.get()]
-        deadline = loop.time() + self.batch_wait_s
-        while len(items) < 4 * self.cfg.batch_size:
+        cap = 4 * self.cfg.batch_size
+        expected = min(max(self._recent, default=1), cap)
+        start = loop.time()
+        patience = max(self.batch_wait_s, self.straggler_wait * self._last_generate_s)
+        while len(items) < cap:
             if not queue.empty():
                 items.append(queue.get_nowait())
                 continue
-            remaining = deadline - loop.time()
+            remaining = start + (self.batch_wait_s if len(items) >= expected else patience) - loop.time()
             if remaining <= 0:
                 break
             try:
                 items.append(await asyncio.wait_for(queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
+        self._recent.append(len(items))
         return items
 
     async def _batch_worker(self, queue: asyncio.Queue) -> None:
@@ -341,7 +384,9 @@ class HFBackend(LLM):
             if self._model is None:
                 await asyncio.to_thread(self.load)
             texts = [self.format_prompt(r.prompt, r.system) for r, _ in group]
+            t0 = time.perf_counter()
             results = await asyncio.to_thread(self._generate_formatted, texts, params)
+            self._last_generate_s = time.perf_counter() - t0
         except ConfigError as exc:
             for _, future in group:
                 if not future.done():
@@ -373,3 +418,4 @@ class HFBackend(LLM):
         self._worker = self._queue = self._loop = None
         with self._lock:
             self._model = self._tokenizer = None
+            self._stop_criteria.clear()

@@ -11,6 +11,14 @@ to wait, and what the final error says:
 The API key is held privately and never appears in ``repr``, logs or error messages (messages are also scrubbed of
 it, in case a server echoes it back). The SDK itself reads a few ``OPENAI_*`` variables (organisation, project) when
 the client is created; base URL and key are always passed explicitly.
+
+Client CPU per call (measured in ``bench/RESULTS.md``, section 7): one SDK client per event loop, whose
+HTTP connections come from :class:`_Lanes` (one connection per request in flight, handed out in O(1), as many kept
+alive as ``llm.concurrency`` lets be in flight) instead of httpx's pool, which walks every pooled connection and probes
+the idle ones twice per request. Requests go through the SDK's ``post`` (its documented way to reach any endpoint)
+with the JSON body built here, and the reply is parsed with :func:`json.loads`: this skips the SDK's typed-dict
+transform of the parameters and its pydantic parse of the response, which together took about a third of the
+client's CPU per call. Authentication, headers, timeouts and the error classes are still the SDK's own.
 """
 
 from __future__ import annotations
@@ -20,9 +28,15 @@ import email.utils
 import json
 import logging
 import random
+import ssl
 import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+import httpx2
+import openai
 
 from retroformer.errors import ConfigError, LLMError
 from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop, is_openai_url
@@ -75,6 +89,86 @@ def _retry_after_s(headers: Any) -> float | None:
         return None
 
 
+class _Release(httpx2.AsyncByteStream):
+    """A response body that calls ``release`` once, when it is closed (the SDK closes every response it reads)."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._inner:
+            yield part
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
+class _Lanes(httpx2.AsyncBaseTransport):
+    """HTTP connections handed out one per request in flight, in O(1).
+
+    httpx's connection pool walks every pooled connection twice per request and probes the socket of each idle one;
+    with 64 connections that walk was the largest single item of the client's CPU per call. Here each lane is an httpx
+    transport holding at most one keep-alive connection; a request takes the lane freed last (its connection is the
+    warmest) or opens a new one when none is free, and gives it back when its response is closed. The lanes therefore
+    number the most requests ever in flight at once, which :class:`OpenAIBackend`'s semaphore bounds by
+    ``llm.concurrency``; all of them stay alive (httpx's default keeps 100 or fewer, so a run at concurrency 256
+    reconnected all the time). A lane whose connection the server closed reconnects on its next request.
+    """
+
+    def __init__(self, base_url: str, keepalive_expiry: float | None = 5.0) -> None:
+        self._ssl: ssl.SSLContext | None = None
+        self._limits = httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=keepalive_expiry)
+        self._proxy = _proxy_for(base_url)
+        self._free: list[httpx2.AsyncHTTPTransport] = []
+        self.lanes: list[httpx2.AsyncHTTPTransport] = []
+
+    def _take(self) -> httpx2.AsyncHTTPTransport:
+        if self._free:
+            return self._free.pop()
+        if self._ssl is None:  # one certificate store for all lanes: loading it takes tens of milliseconds
+            self._ssl = httpx2.create_ssl_context()
+        lane = httpx2.AsyncHTTPTransport(verify=self._ssl, limits=self._limits, proxy=self._proxy)
+        self.lanes.append(lane)
+        return lane
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        lane = self._take()
+        try:
+            response = await lane.handle_async_request(request)
+        except BaseException:
+            self._free.append(lane)
+            raise
+        response.stream = _Release(response.stream, lambda: self._free.append(lane))
+        return response
+
+    async def aclose(self) -> None:
+        lanes, self.lanes, self._free = self.lanes, [], []
+        for lane in lanes:
+            await lane.aclose()
+
+
+def _count(value: Any) -> int:
+    """A token count from a reply's ``usage``; 0 for a missing or non-integer one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _proxy_for(base_url: str) -> str | None:
+    """The proxy the environment names for ``base_url`` (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), as httpx's
+    default client would use it: a transport given to an httpx client leaves the environment's proxies out."""
+    parsed = urlparse(base_url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if proxy is None or urllib.request.proxy_bypass(parsed.hostname or ""):
+        return None
+    return proxy
+
+
 class OpenAIBackend(LLM):
     """Async client for ``/chat/completions`` (``cfg.style == "chat"``) or ``/completions``.
 
@@ -112,6 +206,7 @@ class OpenAIBackend(LLM):
         self.max_backoff_s = max_backoff_s
         self.max_retry_after_s = max_retry_after_s
         self._client: Any = None
+        self._transport: _Lanes | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.usage = Usage()
@@ -134,10 +229,13 @@ class OpenAIBackend(LLM):
         """The client and semaphore of the running loop, (re)created when the loop changes (e.g. a new asyncio.run)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None or self._semaphore is None:
-            from openai import AsyncOpenAI
-
-            self._client = AsyncOpenAI(
-                base_url=self.base_url, api_key=self.__key, max_retries=0, timeout=self.cfg.timeout_s
+            self._transport = _Lanes(self.base_url)
+            self._client = openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=self.__key,
+                max_retries=0,
+                timeout=self.cfg.timeout_s,
+                http_client=openai.DefaultAsyncHttpxClient(transport=self._transport, timeout=self.cfg.timeout_s),
             )
             self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
             self._loop = loop
@@ -159,17 +257,18 @@ class OpenAIBackend(LLM):
 
     async def _attempt(self, client: Any, request: GenerationRequest) -> tuple[str, str, Usage]:
         """One request; returns (text, finish_reason, usage) or raises _Retryable / LLMError."""
-        import openai
-
-        kwargs = self._kwargs(request.params)
+        body = self._kwargs(request.params)
+        if self.style == "chat":
+            messages = [{"role": "system", "content": request.system}] if request.system else []
+            messages.append({"role": "user", "content": request.prompt})
+            body["messages"] = messages
+            path = "/chat/completions"
+        else:
+            body["prompt"] = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
+            path = "/completions"
         try:
-            if self.style == "chat":
-                messages = [{"role": "system", "content": request.system}] if request.system else []
-                messages.append({"role": "user", "content": request.prompt})
-                resp = await client.chat.completions.create(messages=messages, **kwargs)
-            else:
-                prompt = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
-                resp = await client.completions.create(prompt=prompt, **kwargs)
+            raw = await client.post(path, body=body, cast_to=bytes)
+            data = json.loads(raw)
         except openai.APITimeoutError as exc:
             raise _Retryable(f"timed out after {self.cfg.timeout_s} s") from exc
         except openai.APIConnectionError as exc:
@@ -182,7 +281,7 @@ class OpenAIBackend(LLM):
                 delay = _retry_after_s(exc.response.headers) if exc.response is not None else None
                 raise _Retryable(f"HTTP {exc.status_code} ({exc.message})", delay) from exc
             raise LLMError(self._fatal_message(exc.status_code, exc.message)) from None
-        except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as exc:
             raise _Retryable(f"malformed response body ({type(exc).__name__}: {exc})") from exc
         except LLMError:
             raise
@@ -195,23 +294,32 @@ class OpenAIBackend(LLM):
                     f"{type(exc).__name__}: {exc}; not retried. Check the server and the client library version"
                 )
             ) from None
+        return self._parse(data)
 
-        choices = getattr(resp, "choices", None)
-        if not choices:
+    def _parse(self, data: Any) -> tuple[str, str, Usage]:
+        """(text, finish_reason, usage) of a completion's JSON; a reply without a usable completion is retryable."""
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise _Retryable("response has no choices")
         choice = choices[0]
-        text = choice.message.content if self.style == "chat" else choice.text
-        if text is None:
+        if self.style == "chat":
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else None
+        else:
+            text = choice.get("text")
+        if not isinstance(text, str):
             raise _Retryable("response choice has no content")
-        usage_obj = getattr(resp, "usage", None)
-        if usage_obj is None:
+        counts = data.get("usage")
+        if not isinstance(counts, dict):
             logger.debug("%s returned no usage; counting 0 tokens", self.model_id)
             usage = Usage(calls=1)
         else:
             usage = Usage(
-                prompt_tokens=usage_obj.prompt_tokens or 0, completion_tokens=usage_obj.completion_tokens or 0, calls=1
+                prompt_tokens=_count(counts.get("prompt_tokens")),
+                completion_tokens=_count(counts.get("completion_tokens")),
+                calls=1,
             )
-        return text, choice.finish_reason or "stop", usage
+        return text, choice.get("finish_reason") or "stop", usage
 
     def _fatal_message(self, status: int, message: str) -> str:
         hint = {
@@ -270,5 +378,6 @@ class OpenAIBackend(LLM):
         if self._client is not None:
             await self._client.close()
             self._client = None
+            self._transport = None
             self._semaphore = None
             self._loop = None

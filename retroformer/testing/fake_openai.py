@@ -17,7 +17,7 @@ not JSON), ``empty`` (200 with no choices), ``null_content`` (200 with a choice 
 
 ``outage(seconds)`` answers every request of a time window with one fault kind (a total outage).
 
-Requests are recorded (path, headers, JSON body, arrival time) for assertions. The server never echoes the
+Requests are recorded (path, headers, JSON body, arrival time, the client's port: one per connection) for assertions. The server never echoes the
 ``Authorization`` header in any response.
 """
 
@@ -56,7 +56,8 @@ class Fault:
 
 @dataclass
 class RecordedRequest:
-    """What the server received: method, path, headers (as sent), parsed JSON body, arrival time (monotonic)."""
+    """What the server received: method, path, headers (as sent), parsed JSON body, arrival time (monotonic), and the
+    client's port (each connection has its own: how many connections a client opened, and whether it reused them)."""
 
     method: str
     path: str
@@ -64,6 +65,7 @@ class RecordedRequest:
     body: dict[str, Any] | None
     arrived: float
     fault: str = "ok"
+    client_port: int = 0
 
 
 def _default_reply(prompt: str) -> str:
@@ -139,7 +141,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         state = self.server.state
         with state.lock:
-            state.requests.append(RecordedRequest("GET", self.path, dict(self.headers), None, time.monotonic()))
+            state.requests.append(
+                RecordedRequest(
+                    "GET", self.path, dict(self.headers), None, time.monotonic(), client_port=self.client_address[1]
+                )
+            )
         if self.path.rstrip("/") == "/v1/models":
             self._send_json(
                 200, {"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": "me"}]}
@@ -161,7 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 fault = state.faults.pop(0) if state.faults else Fault("ok")
             state.requests.append(
-                RecordedRequest("POST", self.path, dict(self.headers), body, time.monotonic(), fault.kind)
+                RecordedRequest(
+                    "POST", self.path, dict(self.headers), body, time.monotonic(), fault.kind, self.client_address[1]
+                )
             )
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
