@@ -44,7 +44,7 @@ def setup_logging(level: str | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "openai", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "httpx2", "openai", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model (LoRA adapters): a
     # warning on every stage's console that is not ours to act on.
