@@ -196,19 +196,8 @@ def save_config(cfg: Any, path: str | Path, sources: dict[str, str] | None = Non
         lines = [f"# where values came from ({PRECEDENCE}):"]
         lines += [f"#   {name}: {origin}" for name, origin in sources.items()]
         header = "\n".join(lines) + "\n"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Through a temporary file and a rename: the shards of a run read and write this file while others run.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # as a plain write would (mkstemp makes the file private)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def read_sources(path: str | Path) -> dict[str, str]:
@@ -406,3 +395,20 @@ def check_model_path(path: str, field_name: str = "model") -> str:
         f"{field_name}={path!r} does not exist; pass an existing model directory (e.g. build tiny ones with "
         "`retroformer tiny-models --out runs/tiny`) or a Hub id like org/name"
     )
+
+
+def write_atomic(path: str | Path, data: str) -> None:
+    """Write ``path`` through a temporary file and a rename: a reader (another shard, another machine) sees the old
+    file or the new one, never a part; two writers never share a temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # as a plain write would (mkstemp makes the file private)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

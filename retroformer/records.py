@@ -30,7 +30,6 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from retroformer.config import write_atomic
 from retroformer.errors import ConfigError, DataError, RunInUse
 from retroformer.types import ERRORED_END_REASONS, SCHEMA_VERSION, EpisodeRecord
 
@@ -132,23 +132,6 @@ def merge_lock_path(run_dir: str | Path) -> Path:
 def tasks_path(run_dir: str | Path) -> Path:
     """Where a trials run lists its task ids, one a line (so a report counts tasks that have no record yet)."""
     return Path(run_dir) / "trials" / "tasks.txt"
-
-
-def write_atomic(path: str | Path, data: str) -> None:
-    """Write ``path`` through a temporary file and a rename: a reader (another shard, another machine) sees the old
-    file or the new one, never a part; two writers never share a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # as a plain write would (mkstemp makes the file private)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_task_ids(run_dir: str | Path, task_ids: list[str]) -> None:

@@ -49,7 +49,7 @@ from retroformer.builders import (
     check_model_paths,
     select_tasks,
 )
-from retroformer.config import doc, read_yaml, save_config, to_dict
+from retroformer.config import doc, read_yaml, save_config, to_dict, write_atomic
 from retroformer.dataset import export_rated_reflections
 from retroformer.envs.base import EnvSuite, Outcome, Task
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError
@@ -77,7 +77,6 @@ from retroformer.records import (
     shard_files,
     shard_of,
     summary_path,
-    write_atomic,
     write_task_ids,
 )
 from retroformer.report import summarize_entries
