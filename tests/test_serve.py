@@ -222,8 +222,8 @@ def test_sigint_stops_the_script_and_the_server(server):
     proc = server["proc"]
     assert server["server_pids"], "serve.sh started no server process"
     os.kill(proc.pid, signal.SIGINT)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
+    proc.wait(timeout=90)  # generous: on a loaded machine the server's shutdown alone can take tens of seconds
+    deadline = time.monotonic() + 30
     while any(_alive(p) for p in server["server_pids"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in server["server_pids"]), "the server outlived llm/serve.sh"

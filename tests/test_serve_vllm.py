@@ -255,8 +255,8 @@ def test_sigterm_stops_the_script_and_the_server_and_frees_the_port(server):
     pids = server["server_pids"]
     assert len(pids) >= 2, f"expected vLLM's API server and engine processes under serve.sh, found {pids}"
     os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143  # 128 + SIGTERM: the script's own trap ran
-    deadline = time.monotonic() + 20
+    assert proc.wait(timeout=90) == 143  # 128 + SIGTERM: the script's own trap ran
+    deadline = time.monotonic() + 60  # vLLM's engine processes take a while to go on a loaded machine
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids), "a vLLM process outlived llm/serve.sh"
