@@ -49,6 +49,10 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     import torch
@@ -101,6 +105,10 @@ def server(models):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # A shell ignores SIGINT for background commands when job control is off (`pytest ... &` in a script, nohup),
+        # and bash cannot trap a signal that was ignored when it started: give serve.sh the default back, as a
+        # terminal's Ctrl-C would find it.
+        preexec_fn=_default_sigint,
     )
     lines: list[str] = []
     ready = threading.Event()
