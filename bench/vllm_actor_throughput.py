@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -150,35 +149,13 @@ def start_server(model: str, port: int, eager: bool, log_path: Path) -> tuple[su
             "PYTHON": sys.executable,
         }
     )
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "llm" / "serve.sh")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
+    from retroformer.testing.serve_script import start_serve_script
 
-    def pump() -> None:
-        with log_path.open("w") as log:
-            for line in proc.stdout:
-                lines.append(line)
-                log.write(line)
-                log.flush()
-                if line.startswith("ready: "):
-                    ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    while not ready.is_set() and proc.poll() is None:
-        ready.wait(0.5)
-    if not ready.is_set():
+    try:
+        served = start_serve_script(ROOT / "llm" / "serve.sh", env, timeout_s=None, log_path=log_path)
+    except RuntimeError:
         sys.exit(f"llm/serve.sh did not report ready; its output is in {log_path}")
-    url = next(line for line in lines if line.startswith("ready: ")).split()[1]
-    return proc, url, time.perf_counter() - start
+    return served.proc, served.url, served.startup_s
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -13,11 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from retroformer.testing.serve_script import start_serve_script
 
 pytest.importorskip("fastapi", reason="transformers serve needs fastapi: pip install 'transformers[serving]'")
 pytest.importorskip("uvicorn", reason="transformers serve needs uvicorn: pip install 'transformers[serving]'")
@@ -47,10 +48,6 @@ def _alive(pid: int) -> bool:
     # A zombie has exited; only its parent has not collected it yet.
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -97,43 +94,14 @@ def server(models):
         "PYTHON": sys.executable,
         "HF_HUB_OFFLINE": "1",
     }
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "llm" / "serve.sh")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        # A shell ignores SIGINT for background commands when job control is off (`pytest ... &` in a script, nohup),
-        # and bash cannot trap a signal that was ignored when it started: give serve.sh the default back, as a
-        # terminal's Ctrl-C would find it.
-        preexec_fn=_default_sigint,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("ready: "):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        ready.wait(0.5)
-    if not ready.is_set():
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        pytest.fail("llm/serve.sh did not report ready:\n" + "".join(lines[-40:]))
-    url = next(line for line in lines if line.startswith("ready: ")).split()[1]
-    info = {"proc": proc, "url": url, "lines": lines, "server_pids": _children(proc.pid)}
+    try:
+        served = start_serve_script(ROOT / "llm" / "serve.sh", env, timeout_s=READY_TIMEOUT_S, tail=40)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    proc = served.proc
+    info = {"proc": proc, "url": served.url, "lines": served.lines, "server_pids": _children(proc.pid)}
     yield info
-    if proc.poll() is None:  # a failed test left it running
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    served.kill()  # when a failed test left it running
 
 
 def _local_greedy(model_dir: Path, adapter: Path | None, prompt: str) -> str:

@@ -21,12 +21,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from helpers_training import vault_prompt, write_rated_dataset
+
+from retroformer.testing.serve_script import start_serve_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
@@ -122,38 +123,13 @@ def server(models):
             "HF_HUB_OFFLINE": "1",
         }
     )
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "llm" / "serve.sh")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("ready: "):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        ready.wait(0.5)
-    if not ready.is_set():
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        pytest.fail("llm/serve.sh (vLLM) did not report ready:\n" + "".join(lines[-60:]))
-    url = next(line for line in lines if line.startswith("ready: ")).split()[1]
+    try:
+        served = start_serve_script(ROOT / "llm" / "serve.sh", env, timeout_s=READY_TIMEOUT_S)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    proc, url, lines = served.proc, served.url, served.lines
     yield {"proc": proc, "url": url, "port": port, "lines": lines, "server_pids": _descendants(proc.pid)}
-    if proc.poll() is None:  # a failed test left it running
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    served.kill()  # when a failed test left it running
 
 
 def test_models_lists_base_and_adapters_served_by_vllm(server, models):
