@@ -15,7 +15,9 @@ actor is frozen and greedy, with the vault's short completion prompt (``actor.ki
    actor's next attempt), ``--ppo-iterations`` iterations;
 4. evaluation on ``--num-tasks`` held-out tasks (env seed 1000 + N), 2 trials, five conditions: none (ReAct); retry
    (no reflections, the actor sampling at temperature 1.0, unseeded and uncached: "is it just resampling?"); frozen
-   SmolLM2 reflector, greedy (Reflexion); the SFT adapter; the SFT + PPO adapter (Retroformer).
+   SmolLM2 reflector, greedy (Reflexion); the SFT adapter; the SFT + PPO adapter (Retroformer); and two oracles, not
+   learned, that write the door the failed attempt revealed in a fixed wording (the example's, and one that spells
+   out the action): how often the actor follows a correct note, the ceiling of any reflector that writes it so.
 
 Measured: cumulative success after trial 0 and trial 1 (a task solved at trial 0 stays solved) with Wilson 95%
 intervals, and exact McNemar tests on the per-task success after trial 1 (paired: same tasks) of PPO vs frozen,
@@ -47,6 +49,8 @@ CONDITIONS = {  # key -> (eval run name, label)
     "frozen": ("eval-frozen", "frozen SmolLM2 reflector (Reflexion)"),
     "sft": ("eval-sft", "SFT reflector"),
     "ppo": ("eval-ppo", "SFT + PPO reflector (Retroformer)"),
+    "oracle": ("eval-oracle", "oracle: the revealed door in the example's wording (ceiling of that wording)"),
+    "oracle_action": ("eval-oracle-action", 'oracle: the revealed door as "Open the X door: open[X]."'),
 }
 TESTS = (("ppo", "frozen"), ("ppo", "sft"), ("sft", "frozen"))
 
@@ -84,9 +88,10 @@ def mcnemar_exact(a: dict[str, bool], b: dict[str, bool]) -> dict[str, float | i
 def seed_result(workdir: Path) -> dict:
     from retroformer.stats import wilson_interval
 
-    solved = {k: {t: solved_by_trial(workdir / run, t) for t in (0, 1)} for k, (run, _) in CONDITIONS.items()}
+    present = {k: run for k, (run, _) in CONDITIONS.items() if (workdir / run).is_dir()}  # older runs lack oracles
+    solved = {k: {t: solved_by_trial(workdir / run, t) for t in (0, 1)} for k, run in present.items()}
     result: dict = {"success_trial0": {}, "success_trial1": {}, "ci95_trial0": {}, "ci95_trial1": {}, "n_tasks": {}}
-    for key in CONDITIONS:
+    for key in present:
         for trial in (0, 1):
             s = solved[key][trial]
             k, n = sum(s.values()), len(s)
@@ -109,19 +114,27 @@ def seed_result(workdir: Path) -> dict:
 
 
 def reflection_stats(workdir: Path) -> dict:
-    """Per reflector: how often the first reflection names the way out, and one example of it."""
+    """Per reflector: how often the first reflection names the way out, how often the actor then solved the task
+    (it followed the note), and one example."""
     from retroformer.records import read_records, records_path
 
     out = {}
-    for key in ("frozen", "sft", "ppo"):
+    for key in ("frozen", "sft", "ppo", "oracle", "oracle_action"):
         run, _ = CONDITIONS[key]
-        recs = [r for r in read_records(records_path(workdir / run)) if r.trial == 0 and r.reflection is not None]
-        names = 0
+        if not (workdir / run).is_dir():
+            continue
+        records = list(read_records(records_path(workdir / run)))
+        solved_next = {r.task_id for r in records if r.trial == 1 and r.success}
+        recs = [r for r in records if r.trial == 0 and r.reflection is not None]
+        names = followed = 0
         for r in recs:
             obs = r.steps[-1].observation if r.steps else ""
             door = obs.rsplit("the way out is the ", 1)[-1].split(" door")[0] if "the way out is the" in obs else None
-            names += bool(door) and f"{door} door" in r.reflection.text
+            named = bool(door) and f"{door} door" in r.reflection.text
+            names += named
+            followed += named and r.task_id in solved_next
         out[key] = {"reflections": len(recs), "names_the_way_out": names / len(recs) if recs else None,
+                    "solved_when_named": followed / names if names else None,
                     "example": recs[0].reflection.text if recs else None}  # fmt: skip
     collect = [r for r in read_records(records_path(workdir / "collect")) if r.reflection is not None]
     out["collect"] = {"reflections": len(collect)}
@@ -156,6 +169,8 @@ def markdown(result: dict) -> str:
             "|---|---|---|",
         ]
         for key, (_, label) in CONDITIONS.items():
+            if key not in r["success_trial1"]:
+                continue
             lo0, hi0 = r["ci95_trial0"][key]
             lo1, hi1 = r["ci95_trial1"][key]
             lines.append(
@@ -170,10 +185,13 @@ def markdown(result: dict) -> str:
         for name, t in r["tests_trial1"].items():
             lines.append(f"| {name.replace('_vs_', ' vs ')} | {t['only_first']} | {t['only_second']} | {t['p']:.3g} |")
         refl = r["reflections"]
-        lines += ["", "First reflections (after a failed trial 0) that name the door the failed attempt revealed:", ""]
-        for key in ("frozen", "sft", "ppo"):
-            lines.append(f"- {key}: {pct(refl[key]['names_the_way_out'])} of {refl[key]['reflections']}; e.g. "
-                         f"\"{refl[key]['example']}\"")  # fmt: skip
+        lines += ["", "First reflections (after a failed trial 0): how many name the door the failed attempt revealed, "
+                  "and how many of those the actor then followed to the way out:", ""]  # fmt: skip
+        for key in ("frozen", "sft", "ppo", "oracle", "oracle_action"):
+            if key in refl:
+                lines.append(f"- {key}: {pct(refl[key]['names_the_way_out'])} of {refl[key]['reflections']} name it, "
+                             f"{pct(refl[key].get('solved_when_named'))} of those solved; e.g. "
+                             f"\"{refl[key]['example']}\"")  # fmt: skip
         if "ppo_sampled_reward" in r:
             pr = r["ppo_sampled_reward"]
             lines += ["", f"PPO's sampled reward (online, mean rating of its samples): first quarter "
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(ROOT / workdir, ignore_errors=True)
         steps = demo.pipeline(
             workdir, seed, num_tasks=args.num_tasks, train_tasks=args.train_tasks, sft_steps=args.sft_steps,
-            ppo_iterations=args.ppo_iterations, model=args.model,
+            ppo_iterations=args.ppo_iterations, model=args.model, oracles=True,
         )  # fmt: skip
         timings[str(seed)] = demo.load_run_steps()(steps, f"{workdir}/logs", log=print)
         done.write_text(json.dumps(timings[str(seed)]) + "\n")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,15 @@ CONDITIONS = {
     "sft": ("eval-sft", "SFT"),
     "ppo": ("eval-ppo", "Retroformer"),
 }
+#: Oracle reflectors (scripted, not learned): each writes the door the failed attempt revealed, in a fixed wording.
+#: They measure how often the frozen actor follows a correct note so worded: the ceiling of a reflector that writes
+#: it. ``clue`` is the wording of the reflection prompt's example (the one the frozen and SFT reflectors copy);
+#: ``action`` also spells out the action.
+ORACLES = {
+    "oracle": ("eval-oracle", "I opened the wrong door. The scratch said the way out is the {door} door, so I will "
+               "open it next."),
+    "oracle_action": ("eval-oracle-action", "Open the {door} door: open[{door}]."),
+}  # fmt: skip
 
 
 def pipeline(
@@ -50,8 +60,10 @@ def pipeline(
     ppo_iterations: int,
     reward_steps: int | None = None,
     model: str = MODEL,
+    oracles: bool = False,
 ) -> list[tuple[str, list[str]]]:
-    """The steps as (title, argv) pairs; ``reward_steps`` None leaves out the reward model."""
+    """The steps as (title, argv) pairs; ``reward_steps`` None leaves out the reward model; ``oracles`` adds the
+    evaluations of the oracle reflectors (:data:`ORACLES`) before the report."""
     py = sys.executable
     trials = [py, "-m", "retroformer.cli", "trials"]
     common = ["--runs_dir", workdir, "--seed", str(seed), "--cache_dir", f"{workdir}/cache"]
@@ -103,6 +115,14 @@ def pipeline(
         ("evaluate: SFT reflector", [*evaluate, "--run_name", "eval-sft", "--reflector.llm.adapter", f"{workdir}/sft"]),
         ("evaluate: SFT + PPO reflector (Retroformer)",
          [*evaluate, "--run_name", "eval-ppo", "--reflector.llm.adapter", f"{workdir}/ppo"]),
+    ]  # fmt: skip
+    for key, (run, template) in ORACLES.items() if oracles else ():
+        options = json.dumps({"carry_prob": 1.0, "template": template})
+        steps.append((f"evaluate: {key.replace('_', ' ')} (scripted, the door in a fixed wording)",
+                      [*evaluate, "--run_name", run, "--reflector.llm.backend", "scripted",
+                       "--reflector.llm.scripted_policy", "synthetic-clue", "--reflector.llm.scripted_options",
+                       options]))  # fmt: skip
+    steps += [
         ("report", [py, "-m", "retroformer.cli", "report", *(f"{workdir}/{run}" for run, _ in CONDITIONS.values()),
                     "--labels", ",".join(label for _, label in CONDITIONS.values()), "--out", f"{workdir}/report"]),
     ]  # fmt: skip

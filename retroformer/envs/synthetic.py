@@ -47,7 +47,7 @@ from retroformer.envs.base import (
 from retroformer.errors import ConfigError
 from retroformer.llm import register_scripted_policy
 from retroformer.llm.base import LLM, Completion, GenerationRequest
-from retroformer.types import Usage
+from retroformer.types import Usage, text_hash
 
 DOOR_NAMES = (
     "amber", "azure", "bronze", "cedar", "coral", "crimson", "ebony", "golden",
@@ -267,32 +267,53 @@ class ClueReflector(LLM):
     a wrong door of the vault (a confident, mistaken reflection); otherwise a plausible but generic one. Seeded by
     ``seed`` and the prompt text: a rerun writes the same reflections, and runs with different seeds write different
     reflections for the same prompt (the within-prompt pairs a reward model learns from).
+
+    ``template`` is the wording of a door's sentence (``{door}`` stands for the door). With ``carry_prob: 1`` the
+    reflector is an oracle of that wording: it measures how often an actor follows a correct note worded so, the
+    ceiling of any reflector that writes it. Only the failed attempt's own clue counts (what the prompt holds after
+    its last ``Task:``); the examples' clue does not, so an attempt that revealed nothing gets no door.
     """
 
-    def __init__(self, carry_prob: float = 0.5, wrong_prob: float = 0.0, look_prob: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        carry_prob: float = 0.5,
+        wrong_prob: float = 0.0,
+        look_prob: float = 0.0,
+        seed: int = 0,
+        template: str = CLUE_TEMPLATE,
+    ) -> None:
         probs = (carry_prob, wrong_prob, look_prob)
         if not (all(0.0 <= p <= 1.0 for p in probs) and sum(probs) <= 1.0):
             raise ConfigError(
                 "llm.scripted_options.carry_prob, wrong_prob and look_prob must be in [0, 1] and sum to at most 1, "
                 f"got {carry_prob}, {wrong_prob} and {look_prob}"
             )
+        if not isinstance(template, str) or "{door}" not in template:
+            raise ConfigError(
+                f"llm.scripted_options.template must be a sentence holding {{door}} where the door goes, got "
+                f"{template!r}; e.g. 'The way out is the {{door}} door.'"
+            )
         self.carry_prob, self.wrong_prob, self.look_prob = probs
         self.seed = seed
+        self.template = template
         self.model_id = f"scripted-clue-p{carry_prob:g}" + "".join(
             f"-{k}{p:g}" for k, p in (("w", wrong_prob), ("l", look_prob)) if p
         )
+        if template != CLUE_TEMPLATE:
+            self.model_id += f"-t{text_hash(template)[:8]}"
 
     async def generate(self, request: GenerationRequest) -> Completion:
         rng = random.Random(f"{self.seed}:{request.prompt}")
-        # The prompt ends with the failed trajectory, so its last clue is this attempt's.
-        clues = _CLUE_RE.findall(request.prompt)
+        # The prompt ends with this task and its failed trajectory; the examples and earlier reflections come before.
+        current = request.prompt.rsplit("Task: ", 1)[-1]
+        clues = _CLUE_RE.findall(current)
         draw = rng.random()
-        doors = _DOORS_RE.findall(request.prompt)
+        doors = _DOORS_RE.findall(current)
         wrong = [d for d in doors[-1].split(", ") if d != clues[-1]] if clues and doors else []
         if clues and draw < self.carry_prob:
-            text = CLUE_TEMPLATE.format(door=clues[-1])
+            text = self.template.format(door=clues[-1])
         elif wrong and draw < self.carry_prob + self.wrong_prob:
-            text = CLUE_TEMPLATE.format(door=rng.choice(wrong))
+            text = self.template.format(door=rng.choice(wrong))
         elif draw < self.carry_prob + self.wrong_prob + self.look_prob:
             text = LOOK_REFLECTION
         else:
