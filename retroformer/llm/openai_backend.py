@@ -12,10 +12,12 @@ The API key is held privately and never appears in ``repr``, logs or error messa
 it, in case a server echoes it back). The SDK itself reads a few ``OPENAI_*`` variables (organisation, project) when
 the client is created; base URL and key are always passed explicitly.
 
-Client CPU per call (measured in ``bench/RESULTS.md``, section 7): one SDK client per event loop, whose
-HTTP connections come from :class:`_Lanes` (one connection per request in flight, handed out in O(1), as many kept
+Client CPU per call (measured in ``bench/RESULTS.md``, section 7): one SDK client per event loop. Its HTTP library
+is ``llm.http_client``: aiohttp by default, through the SDK's own ``DefaultAioHttpClient`` (aiohttp parses HTTP in C;
+about 0.7x httpx's client CPU per call), with ``llm.concurrency`` connections kept alive; or httpx, whose
+connections then come from :class:`_Lanes` (one connection per request in flight, handed out in O(1), as many kept
 alive as ``llm.concurrency`` lets be in flight) instead of httpx's pool, which walks every pooled connection and probes
-the idle ones twice per request. Requests go through the SDK's ``post`` (its documented way to reach any endpoint)
+the idle ones twice per request. One certificate store serves every client of the process. Requests go through the SDK's ``post`` (its documented way to reach any endpoint)
 with the JSON body built here, and the reply is parsed with :func:`json.loads`: this skips the SDK's typed-dict
 transform of the parameters and its pydantic parse of the response, which together took about a third of the
 client's CPU per call. Authentication, headers, timeouts and the error classes are still the SDK's own.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import random
@@ -52,6 +55,8 @@ MAX_SERVER_STOPS = 4
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: Key sent to local servers started without one (vLLM and ``transformers serve`` accept any key).
 PLACEHOLDER_KEY = "EMPTY"
+#: Seconds an idle connection is kept alive.
+KEEPALIVE_S = 5.0
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
@@ -121,8 +126,7 @@ class _Lanes(httpx2.AsyncBaseTransport):
     reconnected all the time). A lane whose connection the server closed reconnects on its next request.
     """
 
-    def __init__(self, base_url: str, keepalive_expiry: float | None = 5.0) -> None:
-        self._ssl: ssl.SSLContext | None = None
+    def __init__(self, base_url: str, keepalive_expiry: float | None = KEEPALIVE_S) -> None:
         self._limits = httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=keepalive_expiry)
         self._proxy = _proxy_for(base_url)
         self._free: list[httpx2.AsyncHTTPTransport] = []
@@ -131,9 +135,7 @@ class _Lanes(httpx2.AsyncBaseTransport):
     def _take(self) -> httpx2.AsyncHTTPTransport:
         if self._free:
             return self._free.pop()
-        if self._ssl is None:  # one certificate store for all lanes: loading it takes tens of milliseconds
-            self._ssl = httpx2.create_ssl_context()
-        lane = httpx2.AsyncHTTPTransport(verify=self._ssl, limits=self._limits, proxy=self._proxy)
+        lane = httpx2.AsyncHTTPTransport(verify=ssl_context(), limits=self._limits, proxy=self._proxy)
         self.lanes.append(lane)
         return lane
 
@@ -151,6 +153,44 @@ class _Lanes(httpx2.AsyncBaseTransport):
         lanes, self.lanes, self._free = self.lanes, [], []
         for lane in lanes:
             await lane.aclose()
+
+
+@functools.cache
+def ssl_context() -> ssl.SSLContext:
+    """The process's one certificate store: loading it takes tens of milliseconds, and each event loop's client (and
+    each of :class:`_Lanes`' connections) would otherwise load its own."""
+    return httpx2.create_ssl_context()
+
+
+def _aiohttp_client(concurrency: int, timeout_s: float) -> httpx2.AsyncClient:
+    """The SDK's aiohttp-backed client, keeping ``concurrency`` connections alive; environment proxies apply as in
+    httpx's default client (it mounts them from ``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``)."""
+    try:
+        import aiohttp  # noqa: F401  (the SDK's aiohttp client raises a vaguer error without it)
+    except ImportError:
+        raise ConfigError(
+            "llm.http_client 'aiohttp' needs the aiohttp package, which is not installed: pip install "
+            "aiohttp==3.14.5 (requirements.txt pins it), or set llm.http_client: httpx"
+        ) from None
+    limits = httpx2.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=KEEPALIVE_S
+    )
+    return openai.DefaultAioHttpClient(verify=ssl_context(), limits=limits, timeout=timeout_s)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether an SDK timeout error really was a timeout: the SDK's aiohttp transport reports every lost connection
+    (a reset, a server that hung up) as a connect timeout; the aiohttp error it wraps tells them apart."""
+    import aiohttp
+
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+            return True
+        if isinstance(cause, aiohttp.ClientConnectionError):
+            return False
+        cause = cause.__cause__
+    return True
 
 
 def _count(value: Any) -> int:
@@ -229,13 +269,18 @@ class OpenAIBackend(LLM):
         """The client and semaphore of the running loop, (re)created when the loop changes (e.g. a new asyncio.run)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None or self._semaphore is None:
-            self._transport = _Lanes(self.base_url)
+            if self.cfg.http_client == "aiohttp":
+                self._transport = None
+                http_client = _aiohttp_client(self.cfg.concurrency, self.cfg.timeout_s)
+            else:
+                self._transport = _Lanes(self.base_url)
+                http_client = openai.DefaultAsyncHttpxClient(transport=self._transport, timeout=self.cfg.timeout_s)
             self._client = openai.AsyncOpenAI(
                 base_url=self.base_url,
                 api_key=self.__key,
                 max_retries=0,
                 timeout=self.cfg.timeout_s,
-                http_client=openai.DefaultAsyncHttpxClient(transport=self._transport, timeout=self.cfg.timeout_s),
+                http_client=http_client,
             )
             self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
             self._loop = loop
@@ -270,6 +315,8 @@ class OpenAIBackend(LLM):
             raw = await client.post(path, body=body, cast_to=bytes)
             data = json.loads(raw)
         except openai.APITimeoutError as exc:
+            if self.cfg.http_client == "aiohttp" and not _timed_out(exc):
+                raise _Retryable(f"connection error ({exc.__cause__ and exc.__cause__.__cause__ or exc})") from exc
             raise _Retryable(f"timed out after {self.cfg.timeout_s} s") from exc
         except openai.APIConnectionError as exc:
             raise _Retryable(f"connection error ({exc})") from exc
