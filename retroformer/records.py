@@ -21,6 +21,7 @@ Readers stream: :func:`iter_records` yields one record at a time, so memory does
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -31,7 +32,7 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -464,7 +465,8 @@ def index_records(files: Iterable[str | Path]) -> tuple[list[RecordEntry], int]:
 
 
 class RecordWriter:
-    """Appends records to one JSONL file; each append is one ``write`` of a whole line, then flush + fsync."""
+    """Appends records to one JSONL file: whole lines in one ``write``, then flush + fsync. :class:`GroupCommit`
+    feeds it from an event loop, several records per fsync."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -473,9 +475,13 @@ class RecordWriter:
         self._fh = self.path.open("a", encoding="utf-8")
 
     def append(self, record: EpisodeRecord) -> None:
-        line = record.to_json() + "\n"
+        self.append_many([record])
+
+    def append_many(self, records: Sequence[EpisodeRecord]) -> None:
+        """Write ``records`` in order, then flush and fsync once."""
+        data = "".join(record.to_json() + "\n" for record in records)
         with self._lock:
-            self._fh.write(line)
+            self._fh.write(data)
             self._fh.flush()
             os.fsync(self._fh.fileno())
 
@@ -488,3 +494,46 @@ class RecordWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GroupCommit:
+    """Saves records from one event loop through a :class:`RecordWriter`, a group at a time: one worker-thread call,
+    one write, one flush and one fsync per group. While a group is being written, the records saved meanwhile wait
+    and form the next group, so concurrent episodes share an fsync instead of queueing for one each (and a shared
+    filesystem, where an fsync takes long, is not the limit). ``await save(record)`` returns once the record is on
+    disk, or raises what writing it raised."""
+
+    def __init__(self, writer: RecordWriter, executor: Any = None) -> None:
+        self._writer = writer
+        self._executor = executor
+        self._pending: list[tuple[EpisodeRecord, asyncio.Future]] = []
+        self._drain: asyncio.Task | None = None
+        self.groups = 0  # groups written so far
+
+    async def save(self, record: EpisodeRecord) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._pending.append((record, done))
+        if self._drain is None or self._drain.done():
+            self._drain = loop.create_task(self._write_groups())
+        await done
+
+    async def _write_groups(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            group, self._pending = self._pending, []
+            try:
+                await loop.run_in_executor(self._executor, self._writer.append_many, [r for r, _ in group])
+            except asyncio.CancelledError:
+                for _, done in group + self._pending:
+                    done.cancel()
+                raise
+            except Exception as exc:
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            self.groups += 1
+            for _, done in group:
+                if not done.done():
+                    done.set_result(None)

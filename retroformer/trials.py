@@ -55,6 +55,7 @@ from retroformer.envs.base import EnvSuite, Outcome, Task
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError
 from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, Price, is_local_model, price_for
 from retroformer.records import (
+    GroupCommit,
     RecordEntry,
     RecordWriter,
     RunLock,
@@ -536,6 +537,7 @@ async def run_trials_async(
         sem = asyncio.Semaphore(cfg.concurrency)
         new_episodes = 0
         writer = RecordWriter(path)
+        commit = GroupCommit(writer, executor)
 
         async def reflect(
             task: Task, prompts, description, steps, outcome, reflections
@@ -560,8 +562,9 @@ async def run_trials_async(
             breaker.observe(record)
             if ledger.exceeded():
                 stop.set()
-            # fsync takes milliseconds: off the event loop, so that other episodes keep running meanwhile.
-            await loop.run_in_executor(executor, writer.append, record)
+            # On disk before the episode counts as done; fsync takes milliseconds, so it is done off the event loop
+            # and shared by the records that arrive meanwhile.
+            await commit.save(record)
             return RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
 
         async def attempt(task: Task, trial: int, reflections: list[str]) -> RecordEntry | None:
