@@ -47,11 +47,13 @@ def _serve(latency_s: float, conn) -> None:
                 break
 
 
-def trials_config(url: str, runs_dir: str, concurrency: int, num_tasks: int):
+def trials_config(url: str, runs_dir: str, concurrency: int, num_tasks: int, http_client: str | None = None):
     from retroformer.config import from_dict
     from retroformer.trials import TrialsConfig
 
     llm = {"backend": "openai", "base_url": url, "model": "fake-model", "style": "chat", "concurrency": concurrency}
+    if http_client is not None:
+        llm["http_client"] = http_client
     return from_dict(
         TrialsConfig,
         {
@@ -67,13 +69,15 @@ def trials_config(url: str, runs_dir: str, concurrency: int, num_tasks: int):
     )
 
 
-def run_once(conn, url: str, concurrency: int, tasks_per_slot: int, latency: float, profile: str | None) -> dict:
+def run_once(
+    conn, url: str, concurrency: int, tasks_per_slot: int, latency: float, profile: str | None, http_client=None
+) -> dict:
     from retroformer.trials import run_trials_async
 
     num_tasks = tasks_per_slot * concurrency
     runs_dir = tempfile.mkdtemp(prefix="bench-rollout-")
     try:
-        cfg = trials_config(url, runs_dir, concurrency, num_tasks)
+        cfg = trials_config(url, runs_dir, concurrency, num_tasks, http_client)
         conn.send("count")
         before, _, server_cpu0 = conn.recv()
         prof = None
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", type=int, default=None, help="cProfile the run at this concurrency")
     parser.add_argument("--out", default=None, help="write the rows as JSON here (and the profile beside it)")
+    parser.add_argument("--http-client", default=None, help="llm.http_client (aiohttp or httpx); default: the config's")
     args = parser.parse_args(argv)
 
     import logging
@@ -135,13 +140,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         url = parent.recv()
         # Warm-up: imports, the HTTP client, the first connections; not measured.
-        run_once(parent, url, 1, 1, args.latency, None)
+        run_once(parent, url, 1, 1, args.latency, None, args.http_client)
         for rep in range(args.repeats):
             for c in args.concurrency:
                 prof = None
                 if args.profile == c and rep == 0:
                     prof = str(Path(args.out or "rollout").with_suffix("")) + f".c{c}.prof"
-                row = run_once(parent, url, c, args.tasks_per_slot, args.latency, prof)
+                row = run_once(parent, url, c, args.tasks_per_slot, args.latency, prof, args.http_client)
                 row["repeat"] = rep
                 rows.append(row)
     finally:
@@ -150,7 +155,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if proc.is_alive():
             proc.terminate()
     base = {r["repeat"]: r["calls_per_s"] for r in rows if r["concurrency"] == 1}
-    print(f"latency {args.latency * 1000:.0f} ms, load {os.getloadavg()[0]:.2f} (1-min avg at the end)")
+    print(
+        f"latency {args.latency * 1000:.0f} ms, http client {args.http_client or 'default'}, load "
+        f"{os.getloadavg()[0]:.2f} (1-min avg at the end)"
+    )
     print(
         "| rep | c | tasks | episodes | calls | wall s | episodes/s | calls/s | speedup vs c=1 | x c | efficiency "
         "| client CPU s | client CPU ms/call | server CPU s |"
