@@ -64,6 +64,20 @@ def test_chat_style_sends_system_and_user_and_counts_usage():
     assert llm.usage.total_tokens == 8
 
 
+def test_a_local_server_gets_the_request_without_the_sdks_telemetry_headers():
+    server = FakeOpenAIServer(reply=lambda p: "ok")
+    with server as url:
+        out = run(generate(make_backend(url, style="completion")))
+    (req,) = server.requests
+    assert out.text == "ok" and req.path == "/v1/completions" and req.body["prompt"] == "hello world"
+    assert req.headers["authorization"] == f"Bearer {KEY}"
+    assert req.headers["content-type"] == "application/json"
+    assert not [name for name in req.headers if name.lower().startswith("x-stainless")]
+    # OpenAI's own servers still get them (the SDK's defaults are left alone there).
+    openai_backend = OpenAIBackend(LLMConfig(backend="openai", model="gpt-4o-mini"), api_key=KEY)
+    assert openai_backend._default_headers is None and openai_backend._request_options == {}
+
+
 def test_completion_style_prepends_system_and_passes_sampling():
     server = FakeOpenAIServer(reply=lambda p: "one two three four five six")
     with server as url:

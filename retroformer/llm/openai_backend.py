@@ -57,6 +57,13 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "EMPTY"
 #: Seconds an idle connection is kept alive.
 KEEPALIVE_S = 5.0
+#: The SDK's telemetry headers (platform, versions, retry count, read timeout), meant for OpenAI's servers: left out
+#: for every other server, which ignores them; nine fewer headers to build, merge and send per request.
+_PLATFORM_HEADERS = (
+    "X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS", "X-Stainless-Arch", "X-Stainless-Runtime",
+    "X-Stainless-Runtime-Version", "X-Stainless-Async",
+)  # fmt: skip
+_PER_REQUEST_HEADERS = ("x-stainless-retry-count", "x-stainless-read-timeout")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
@@ -230,6 +237,13 @@ class OpenAIBackend(LLM):
         self.style = cfg.style
         self.base_url = (cfg.base_url or OPENAI_BASE_URL).rstrip("/")
         host = urlparse(self.base_url).hostname or ""
+        # Absolute URLs: the SDK then parses a URL once per request instead of merging a path into its base URL.
+        self._url = self.base_url + ("/chat/completions" if cfg.style == "chat" else "/completions")
+        openai_server = is_openai_url(self.base_url)
+        self._default_headers = None if openai_server else {name: openai.Omit() for name in _PLATFORM_HEADERS}
+        self._request_options: dict[str, Any] = (
+            {} if openai_server else {"headers": {name: openai.Omit() for name in _PER_REQUEST_HEADERS}}
+        )
         self.model_id = cfg.model if cfg.base_url is None else f"{cfg.model}@{host}"
         self.key_env = cfg.key_env()
         if not api_key:
@@ -281,6 +295,7 @@ class OpenAIBackend(LLM):
                 max_retries=0,
                 timeout=self.cfg.timeout_s,
                 http_client=http_client,
+                default_headers=self._default_headers,
             )
             self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
             self._loop = loop
@@ -307,12 +322,13 @@ class OpenAIBackend(LLM):
             messages = [{"role": "system", "content": request.system}] if request.system else []
             messages.append({"role": "user", "content": request.prompt})
             body["messages"] = messages
-            path = "/chat/completions"
         else:
             body["prompt"] = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
-            path = "/completions"
         try:
-            raw = await client.post(path, body=body, cast_to=bytes)
+            # The body as JSON bytes: the SDK sends bytes as they are instead of serialising a mapping its own way.
+            raw = await client.post(
+                self._url, body=json.dumps(body).encode(), cast_to=bytes, options=self._request_options
+            )
             data = json.loads(raw)
         except openai.APITimeoutError as exc:
             if self.cfg.http_client == "aiohttp" and not _timed_out(exc):
