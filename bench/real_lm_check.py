@@ -52,7 +52,9 @@ CONDITIONS = {  # key -> (eval run name, label)
     "oracle": ("eval-oracle", "oracle: the revealed door in the example's wording (ceiling of that wording)"),
     "oracle_action": ("eval-oracle-action", 'oracle: the revealed door as "Open the X door: open[X]."'),
 }
-TESTS = (("ppo", "frozen"), ("ppo", "sft"), ("sft", "frozen"))
+#: Paired tests; the oracle ones (is PPO at the ceiling of its wording? how far above Reflexion is the best wording?)
+#: where the run has the oracles.
+TESTS = (("ppo", "frozen"), ("ppo", "sft"), ("sft", "frozen"), ("ppo", "oracle"), ("oracle_action", "frozen"))
 
 
 def load_real_demo():
@@ -100,6 +102,8 @@ def seed_result(workdir: Path) -> dict:
         result["n_tasks"][key] = len(solved[key][1])
     result["tests_trial1"] = {}
     for first, second in TESTS:
+        if first not in solved or second not in solved:
+            continue
         test = mcnemar_exact(solved[first][1], solved[second][1])
         result["tests_trial1"][f"{first}_vs_{second}"] = test
         result[f"p_{first}_vs_{second}"] = test["p"]
@@ -127,15 +131,18 @@ def reflection_stats(workdir: Path) -> dict:
         solved_next = {r.task_id for r in records if r.trial == 1 and r.success}
         recs = [r for r in records if r.trial == 0 and r.reflection is not None]
         names = followed = 0
+        example = recs[0].reflection.text if recs else None
         for r in recs:
             obs = r.steps[-1].observation if r.steps else ""
             door = obs.rsplit("the way out is the ", 1)[-1].split(" door")[0] if "the way out is the" in obs else None
             named = bool(door) and f"{door} door" in r.reflection.text
+            if named and not names:
+                example = r.reflection.text  # the first one that names the door, where there is one
             names += named
             followed += named and r.task_id in solved_next
         out[key] = {"reflections": len(recs), "names_the_way_out": names / len(recs) if recs else None,
                     "solved_when_named": followed / names if names else None,
-                    "example": recs[0].reflection.text if recs else None}  # fmt: skip
+                    "example": example}  # fmt: skip
     collect = [r for r in read_records(records_path(workdir / "collect")) if r.reflection is not None]
     out["collect"] = {"reflections": len(collect)}
     return out
@@ -200,6 +207,8 @@ def markdown(result: dict) -> str:
         lines += ["", "Step wall times (s): " + ", ".join(f"{t} {v:.0f}" for t, v in result["timings"][str(seed)]), ""]
     lines += ["## Across seeds", ""]
     for first, second in TESTS:
+        if any(f"{first}_vs_{second}" not in result["per_seed"][str(s)]["tests_trial1"] for s in seeds):
+            continue
         deltas = [result["per_seed"][str(s)]["success_trial1"][first] - result["per_seed"][str(s)]["success_trial1"][second]
                   for s in seeds]  # fmt: skip
         ps = [result["per_seed"][str(s)]["tests_trial1"][f"{first}_vs_{second}"]["p"] for s in seeds]
