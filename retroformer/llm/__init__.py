@@ -59,9 +59,9 @@ class LLMConfig:
     timeout_s: float = doc("per-request timeout in seconds", 60.0)
     retry_backoff_s: float = doc("first retry delay in seconds; doubled per retry with jitter (at most 20 s)", 0.5)
     http_client: Literal["aiohttp", "httpx"] = doc(
-        "openai: the SDK's HTTP library. aiohttp: the SDK's aiohttp client (openai.DefaultAioHttpClient; its C HTTP "
-        "parser costs about 0.7x the client CPU per call of httpx, bench/RESULTS.md section 7); httpx: the SDK's "
-        "default library, with one keep-alive connection per request in flight",
+        "openai: the SDK's HTTP library. aiohttp: the SDK's aiohttp client (openai.DefaultAioHttpClient; with its C "
+        "HTTP parser the client spends about two thirds of httpx's CPU per call, bench/RESULTS.md section 7b); httpx: "
+        "the SDK's default library, with one keep-alive connection per request in flight",
         "aiohttp",
     )
     # --- decoding ---

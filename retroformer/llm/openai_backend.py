@@ -12,15 +12,17 @@ The API key is held privately and never appears in ``repr``, logs or error messa
 it, in case a server echoes it back). The SDK itself reads a few ``OPENAI_*`` variables (organisation, project) when
 the client is created; base URL and key are always passed explicitly.
 
-Client CPU per call (measured in ``bench/RESULTS.md``, section 7): one SDK client per event loop. Its HTTP library
-is ``llm.http_client``: aiohttp by default, through the SDK's own ``DefaultAioHttpClient`` (aiohttp parses HTTP in C;
-about 0.7x httpx's client CPU per call), with ``llm.concurrency`` connections kept alive; or httpx, whose
-connections then come from :class:`_Lanes` (one connection per request in flight, handed out in O(1), as many kept
-alive as ``llm.concurrency`` lets be in flight) instead of httpx's pool, which walks every pooled connection and probes
-the idle ones twice per request. One certificate store serves every client of the process. Requests go through the SDK's ``post`` (its documented way to reach any endpoint)
-with the JSON body built here, and the reply is parsed with :func:`json.loads`: this skips the SDK's typed-dict
-transform of the parameters and its pydantic parse of the response, which together took about a third of the
-client's CPU per call. Authentication, headers, timeouts and the error classes are still the SDK's own.
+Client CPU per call (measured in ``bench/RESULTS.md``, sections 7 and 7b): one SDK client per event loop. Its HTTP
+library is ``llm.http_client``: aiohttp by default, through the SDK's own ``DefaultAioHttpClient`` (aiohttp parses
+HTTP in C; about two thirds of httpx's client CPU per call), with ``llm.concurrency`` connections kept alive; or httpx,
+whose connections then come from :class:`_Lanes` (one connection per request in flight, handed out in O(1), as many
+kept alive as ``llm.concurrency`` lets be in flight) instead of httpx's pool, which walks every pooled connection and
+probes the idle ones twice per request. One certificate store serves every client of the process. Requests go through
+the SDK's ``post`` (its documented way to reach any endpoint) to an absolute URL, with the JSON body built here as
+bytes, and the reply is parsed with :func:`json.loads`: this skips the SDK's typed-dict transform of the parameters
+and its pydantic parse of the response, which together took about a third of the client's CPU per call. The SDK's
+telemetry headers go only to OpenAI's own servers. Authentication, headers, timeouts and the error classes are still
+the SDK's own.
 """
 
 from __future__ import annotations
