@@ -104,6 +104,7 @@ class HFBackend(LLM):
         self.straggler_wait = straggler_wait
         self.batch_sizes: list[int] = []
         self._recent: deque[int] = deque(maxlen=self.RECENT_BATCHES)
+        self.last_window_s = 0.0  # how long the last batch was held open for more requests (batch_wait_s or patience)
         self._last_generate_s = 0.0
         self._stop_criteria: dict[tuple[str, ...], Any] = {}
         self.usage = Usage()
@@ -355,17 +356,20 @@ class HFBackend(LLM):
         expected = min(max(self._recent, default=1), cap)
         start = loop.time()
         patience = max(self.batch_wait_s, self.straggler_wait * self._last_generate_s)
+        window = self.batch_wait_s
         while len(items) < cap:
             if not queue.empty():
                 items.append(queue.get_nowait())
                 continue
-            remaining = start + (self.batch_wait_s if len(items) >= expected else patience) - loop.time()
+            window = self.batch_wait_s if len(items) >= expected else patience
+            remaining = start + window - loop.time()
             if remaining <= 0:
                 break
             try:
                 items.append(await asyncio.wait_for(queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
+        self.last_window_s = window  # how long this batch was held open for more requests
         self._recent.append(len(items))
         return items
 
