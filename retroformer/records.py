@@ -474,9 +474,6 @@ class RecordWriter:
         self._lock = threading.Lock()
         self._fh = self.path.open("a", encoding="utf-8")
 
-    def append(self, record: EpisodeRecord) -> None:
-        self.append_many([record])
-
     def append_many(self, records: Sequence[EpisodeRecord]) -> None:
         """Write ``records`` in order, then flush and fsync once."""
         data = "".join(record.to_json() + "\n" for record in records)

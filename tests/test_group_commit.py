@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,14 +83,6 @@ def test_a_failed_write_fails_its_saves_and_later_saves_still_land(tmp_path):
 def test_saves_from_one_loop_use_one_worker_call_per_group(tmp_path):
     # The point of the group: far fewer thread hops and fsyncs than records when many episodes end together.
     writer = RecordWriter(tmp_path / "records.jsonl")
-    threads: set[int] = set()
-    original = writer.append_many
-
-    def counting(records):
-        threads.add(threading.get_ident())
-        original(records)
-
-    writer.append_many = counting
 
     async def main():
         commit = GroupCommit(writer, ThreadPoolExecutor(4))

@@ -122,6 +122,33 @@ def test_behaviour_reflector_mix_and_its_errors():
         ClueReflector(carry_prob=0.5, wrong_prob=0.3, look_prob=0.3)
 
 
+def test_oracle_reflector_writes_its_template_with_the_attempts_own_clue_only():
+    from retroformer.agents.reflector import build_reflection_prompt
+    from retroformer.envs.base import Outcome
+    from retroformer.types import Step
+
+    suite = SyntheticSuite(SyntheticSuite.Config(num_tasks=1))
+    task = suite.tasks()[0]
+    env = suite.make()
+    description = env.reset(task)
+    oracle = ClueReflector(carry_prob=1.0, template="Open the {door} door: open[{door}].")
+
+    def reflect(action: str) -> str:
+        env.reset(task)
+        step = Step("", action, env.step(action).observation)
+        prompt = build_reflection_prompt(suite.prompts, description, [step], Outcome(0.0, False), [])
+        assert "the way out is the ochre door" in prompt  # the prompt's example holds a clue of its own
+        return asyncio.run(oracle.generate(GenerationRequest(prompt, SamplingParams()))).text
+
+    answer = task.payload["answer"]
+    assert reflect(f"open[{task.payload['doors'][0]}]") == f"Open the {answer} door: open[{answer}]."
+    # An attempt that revealed nothing (an invalid action) gets no door, not the example's.
+    assert "door:" not in reflect("open[nowhere]")
+    assert oracle.model_id != ClueReflector(carry_prob=1.0).model_id  # another wording is another reflector
+    with pytest.raises(ConfigError, match=r"template must be a sentence holding \{door\}"):
+        ClueReflector(template="Open the right door.")
+
+
 def test_ratings_have_the_shape_the_fixed_point_argument_assumes(tmp_path):
     # a generic reflection is rewarded one time in three (a lucky blind retry), a working plan always, a wrong door
     # never: so most rewarded reflections are generic ones

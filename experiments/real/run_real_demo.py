@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from retroformer.envs.synthetic import CLUE_TEMPLATE
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 MODEL = "runs/models/smollm2-135m-instruct"
@@ -44,8 +46,7 @@ CONDITIONS = {
 #: it. ``clue`` is the wording of the reflection prompt's example (the one the frozen and SFT reflectors copy);
 #: ``action`` also spells out the action.
 ORACLES = {
-    "oracle": ("eval-oracle", "I opened the wrong door. The scratch said the way out is the {door} door, so I will "
-               "open it next."),
+    "oracle": ("eval-oracle", CLUE_TEMPLATE),
     "oracle_action": ("eval-oracle-action", "Open the {door} door: open[{door}]."),
 }  # fmt: skip
 
