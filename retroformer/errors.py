@@ -18,6 +18,10 @@ class DataError(RetroformerError):
     """A records file or dataset is missing, corrupt or has the wrong shape."""
 
 
+class StorageError(RetroformerError):
+    """Records could not be written (a full disk, a lost mount, permissions); those already written are kept."""
+
+
 class EnvError(RetroformerError):
     """An environment could not be created or driven."""
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from retroformer.config import write_atomic
-from retroformer.errors import ConfigError, DataError, RunInUse
+from retroformer.errors import ConfigError, DataError, RunInUse, StorageError
 from retroformer.types import ERRORED_END_REASONS, SCHEMA_VERSION, EpisodeRecord
 
 logger = logging.getLogger(__name__)
@@ -465,26 +465,55 @@ def index_records(files: Iterable[str | Path]) -> tuple[list[RecordEntry], int]:
 
 
 class RecordWriter:
-    """Appends records to one JSONL file: whole lines in one ``write``, then flush + fsync. :class:`GroupCommit`
-    feeds it from an event loop, several records per fsync."""
+    """Appends records to one JSONL file: whole lines in one write, then fsync. :class:`GroupCommit` feeds it from an
+    event loop, several records per fsync.
+
+    A write that fails (a full disk, a lost mount) is undone: the file is cut back to where it ended before, so it
+    never holds a partial record followed by whole ones, and :class:`~retroformer.errors.StorageError` says what
+    happened and how to resume."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append_many(self, records: Sequence[EpisodeRecord]) -> None:
-        """Write ``records`` in order, then flush and fsync once."""
-        data = "".join(record.to_json() + "\n" for record in records)
+        """Write ``records`` in order, then fsync once; on failure nothing of them stays in the file."""
+        data = "".join(record.to_json() + "\n" for record in records).encode("utf-8")
         with self._lock:
-            self._fh.write(data)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            if self._fd is None:
+                raise StorageError(f"{self.path}: the records file was closed; this run can save no more records")
+            start = os.fstat(self._fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._undo(start)
+                raise StorageError(
+                    f"could not save {len(records)} episode record(s) to {self.path}: {exc.strerror or exc}. The "
+                    "records written before are kept and these episodes will run again: free space on that "
+                    "filesystem (or set runs_dir to another one, and move the run directory there), then run the same "
+                    "command again to resume"
+                ) from exc
+
+    def _undo(self, size: int) -> None:
+        """Cut the file back to ``size`` bytes after a failed write (best effort: the reader drops a partial last line
+        anyway)."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            logger.warning("%s: could not remove a partly written record (%s); resume will drop it", self.path, exc)
 
     def close(self) -> None:
         with self._lock:
-            self._fh.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> RecordWriter:
         return self

@@ -52,7 +52,7 @@ from retroformer.builders import (
 from retroformer.config import doc, read_yaml, save_config, to_dict, write_atomic
 from retroformer.dataset import export_rated_reflections
 from retroformer.envs.base import EnvSuite, Outcome, Task
-from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError
+from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError, StorageError
 from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, Price, is_local_model, price_for
 from retroformer.records import (
     GroupCommit,
@@ -538,6 +538,7 @@ async def run_trials_async(
         new_episodes = 0
         writer = RecordWriter(path)
         commit = GroupCommit(writer, executor)
+        storage_errors: list[StorageError] = []
 
         async def reflect(
             task: Task, prompts, description, steps, outcome, reflections
@@ -564,7 +565,15 @@ async def run_trials_async(
                 stop.set()
             # On disk before the episode counts as done; fsync takes milliseconds, so it is done off the event loop
             # and shared by the records that arrive meanwhile.
-            await commit.save(record)
+            try:
+                await commit.save(record)
+            except StorageError as exc:
+                # Records cannot be saved (a full disk): start no more episodes, whose calls would be paid for and
+                # lost; those in flight end, and the run then fails with this error. A rerun resumes.
+                new_episodes -= 1
+                storage_errors.append(exc)
+                stop.set()
+                return None
             return RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
 
         async def attempt(task: Task, trial: int, reflections: list[str]) -> RecordEntry | None:
@@ -611,7 +620,7 @@ async def run_trials_async(
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             )
             entry = await save(record)
-            if bar is not None:
+            if bar is not None and entry is not None:
                 bar.update(1)
             return entry
 
@@ -669,6 +678,8 @@ async def run_trials_async(
             for llm_owner in (getattr(actor, "llm", None), getattr(refl, "llm", None)):
                 if llm_owner is not None:
                     await llm_owner.aclose()
+        if storage_errors:
+            raise storage_errors[0]
 
         stopped_by_budget = stop.is_set() and breaker.message is None
         result = TrialsResult(out, path, new_episodes, time.perf_counter() - start, shard, stopped_by_budget)

@@ -1,0 +1,153 @@
+"""Records that cannot be saved (a full disk): the run stops starting episodes, fails with a clear error, leaves no
+partial record in its file, and a rerun resumes with every (task, trial) exactly once."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+
+import pytest
+
+from retroformer.config import from_dict
+from retroformer.errors import StorageError
+from retroformer.records import RecordWriter, iter_entries, read_records
+from retroformer.testing import FakeOpenAIServer
+from retroformer.testing.vault_policy import vault_reply
+from retroformer.trials import TrialsConfig, records_path, run_trials
+
+SCRIPTED = """\
+run_name: full
+runs_dir: {runs}
+trials: 2
+concurrency: 4
+export_dataset: false
+env: {{name: synthetic, options: {{num_tasks: 60, num_doors: 4}}}}
+actor: {{kind: react, llm: {{backend: scripted, scripted_replies: [" I try.\\nAction: open[red]"]}}}}
+reflector: {{llm: {{backend: scripted, scripted_replies: ["Open the blue door next time."]}}}}
+"""
+
+# The child process may not let any file grow past LIMIT bytes (RLIMIT_FSIZE): the write that crosses it is cut short
+# by the kernel and the next one fails with EFBIG, as on a disk that fills up mid-write.
+CHILD = """\
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from retroformer.cli import main
+sys.exit(main(["trials", "--config", {config!r}]))
+"""
+LIMIT = 150_000  # the 60 first attempts (about 2.3 KB each, with their reflection) fit, the second attempts do not
+
+
+def pairs(path) -> collections.Counter:
+    return collections.Counter((e.task_id, e.trial) for e in iter_entries(path))
+
+
+def test_a_file_size_limit_mid_run_fails_clearly_keeps_whole_records_and_a_rerun_completes(tmp_path):
+    config = tmp_path / "full.yaml"
+    config.write_text(SCRIPTED.format(runs=tmp_path / "runs"))
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD.format(limit=LIMIT, config=str(config))], capture_output=True, text=True
+    )
+    assert child.returncode == 2, child.stderr[-2000:]
+    assert "Traceback" not in child.stderr
+    assert "could not save" in child.stderr and "File too large" in child.stderr
+    assert "run the same command again to resume" in child.stderr
+    path = tmp_path / "runs" / "full" / "trials" / "episodes.jsonl"
+    data = path.read_bytes()
+    # The write that crossed the limit was undone: whole lines only, nothing past the limit.
+    assert 0 < len(data) <= LIMIT and data.endswith(b"\n")
+    kept = pairs(path)
+    assert kept and max(kept.values()) == 1
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "retroformer.cli", "trials", "--config", str(config)], capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "partial last line" not in rerun.stderr
+    done = pairs(path)
+    assert len(done) == 60 * 2  # every task failed both trials (the actor always opens red)
+    assert max(done.values()) == 1
+    assert all(done[p] == 1 for p in kept)  # what the first run saved was not run again
+
+
+def test_a_failed_write_is_cut_back_and_the_writer_goes_on_after_space_is_freed(tmp_path, monkeypatch):
+    from retroformer.types import EpisodeRecord
+
+    def rec(i: int) -> EpisodeRecord:
+        return EpisodeRecord(
+            run_name="r", task_id=f"t{i}", trial=0, env_name="synthetic", env_version="1", seed=0, actor_id="a",
+            reflector_id="none", actor_prompt_hash="h", memory=[], steps=[], return_=0.0, success=False,
+            end_reason="done",
+        )  # fmt: skip
+
+    path = tmp_path / "records.jsonl"
+    writer = RecordWriter(path)
+    writer.append_many([rec(0), rec(1)])
+    before = path.read_bytes()
+
+    import retroformer.records as records
+
+    real_write = records.os.write
+    calls = []
+
+    def full_disk(fd, data):
+        if fd != writer._fd:
+            return real_write(fd, data)
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))  # half of the group lands, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records.os, "write", full_disk)
+    with pytest.raises(StorageError) as err:
+        writer.append_many([rec(2), rec(3)])
+    assert len(calls) == 2
+    message = str(err.value)
+    assert str(path) in message and "No space left on device" in message and "resume" in message
+    assert path.read_bytes() == before  # the half-written group is gone
+    monkeypatch.setattr(records.os, "write", real_write)
+    writer.append_many([rec(4)])
+    writer.close()
+    assert [r.task_id for r in read_records(path, repair=False)] == ["t0", "t1", "t4"]
+    with pytest.raises(StorageError, match="closed"):
+        writer.append_many([rec(5)])
+
+
+def test_once_records_cannot_be_saved_no_more_episodes_start(tmp_path, monkeypatch):
+    # Paid calls whose records cannot be kept are lost: after the first failed save only the episodes already in
+    # flight may end. Here every save after the first group fails.
+    groups = []
+    real_append = RecordWriter.append_many
+
+    def append_many(self, records):
+        groups.append(len(records))
+        if len(groups) > 1:
+            raise StorageError("could not save: No space left on device (test)")
+        real_append(self, records)
+
+    monkeypatch.setattr(RecordWriter, "append_many", append_many)
+    fake = FakeOpenAIServer(reply=vault_reply, latency_s=0.02)
+    with fake as url:
+        llm = {"backend": "openai", "base_url": url, "model": "fake-model", "style": "chat"}
+        cfg = from_dict(
+            TrialsConfig,
+            {
+                "run_name": "r",
+                "runs_dir": str(tmp_path / "runs"),
+                "trials": 3,
+                "concurrency": 2,
+                "export_dataset": False,
+                "env": {"name": "synthetic", "options": {"num_tasks": 40, "num_doors": 3}},
+                "actor": {"kind": "react", "llm": llm},
+                "reflector": {"llm": dict(llm, max_tokens=64)},
+            },
+        )
+        with pytest.raises(StorageError, match="No space left"):
+            run_trials(cfg, progress=False)
+    saved = list(read_records(records_path(tmp_path / "runs" / "r")))
+    assert len(saved) == groups[0] >= 1
+    # A task is 3 calls when it runs through, so the whole run is 120. With 2 episodes in flight when the second
+    # group failed, a handful of calls follow the failure, not the rest of the run.
+    assert len(groups) <= 4
+    assert len(fake.requests) <= 3 * groups[0] + 8, len(fake.requests)
