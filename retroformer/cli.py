@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import logging
 import os
@@ -346,13 +347,40 @@ def report_trials(cfg, result) -> None:
         trackers.finish()
 
 
+#: What a failed write says when the disk (or a quota, or a file size limit) is full.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_INTERRUPTED = "interrupted: finished episodes and checkpoints are kept; run the same command again to resume"
+
+
+def full_disk_message(exc: OSError) -> str | None:
+    """The error line for a write that failed because storage is full, or None for any other OSError."""
+    if exc.errno not in _FULL:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (
+        f"{exc.strerror or exc}{where}. Finished episodes and complete checkpoints are kept (a half-written checkpoint "
+        "is never resumed from): free space on that filesystem, or point the run or output directory elsewhere, then "
+        "run the same command again to resume"
+    )
+
+
 def run_stage_script(main, argv: list[str] | None = None) -> int:
-    """Run a stage script's ``main``; a :class:`RetroformerError` (bad config, missing data) is printed, exit code 2."""
+    """Run a stage script's ``main``; a :class:`RetroformerError` (bad config, missing data) or a full disk is printed,
+    exit code 2; Ctrl-C says how to resume, exit code 130."""
     try:
         main(argv)
     except RetroformerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        message = full_disk_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(_INTERRUPTED, file=sys.stderr)
+        return 130
     return 0
 
 
@@ -440,11 +468,14 @@ def main(argv: list[str] | None = None) -> int:
     except RetroformerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        message = full_disk_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(
-            "interrupted: finished episodes and checkpoints are kept; run the same command again to resume",
-            file=sys.stderr,
-        )
+        print(_INTERRUPTED, file=sys.stderr)
         return 130
     import difflib
 

@@ -219,3 +219,31 @@ def test_completion_loss_goes_down(tmp_path, tiny_models, dataset):  # noqa: F81
                     "--learning_rate", "1e-2", "--lora.target_modules", "all-linear", "--save_steps", "100")  # fmt: skip
     metrics = sft_run.main(argv)
     assert metrics["sft/last_logged_loss"] < metrics["sft/first_logged_loss"] - 0.5
+
+
+def _file_size_limit(limit: int):
+    """For a child process: no file may grow past ``limit`` bytes (RLIMIT_FSIZE), as on a disk that fills up; the
+    write that crosses it fails with EFBIG instead of killing the process."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_is_a_clear_error_and_a_rerun_finishes(tmp_path, tiny_models, dataset):  # noqa: F811
+    out = tmp_path / "sft"
+    argv = sft_argv(tiny_models["lm"], dataset, out, "--max_steps", "2", "--save_steps", "1")
+    cmd = [sys.executable, str(SCRIPT), *argv]
+    full = subprocess.run(
+        cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, preexec_fn=_file_size_limit(4096)
+    )
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    assert "File too large" in full.stderr and "run the same command again to resume" in full.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["sft/global_step"] == 2

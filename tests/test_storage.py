@@ -151,3 +151,25 @@ def test_once_records_cannot_be_saved_no_more_episodes_start(tmp_path, monkeypat
     # group failed, a handful of calls follow the failure, not the rest of the run.
     assert len(groups) <= 4
     assert len(fake.requests) <= 3 * groups[0] + 8, len(fake.requests)
+
+
+def test_the_cli_turns_a_full_disk_into_an_error_line_and_leaves_other_os_errors_alone(monkeypatch, capsys):
+    import errno
+
+    from retroformer import cli
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/report.png")
+
+    def missing(argv):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "runs/x")
+
+    monkeypatch.setitem(cli.COMMANDS, "full", full)
+    monkeypatch.setitem(cli.COMMANDS, "missing", missing)
+    assert cli.main(["full"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device writing runs/x/report.png" in err and "run the same command again" in err
+    with pytest.raises(FileNotFoundError):
+        cli.main(["missing"])
+    assert cli.run_stage_script(full) == 2
+    assert "No space left on device" in capsys.readouterr().err
