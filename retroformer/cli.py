@@ -96,8 +96,9 @@ def cmd_trials(argv: list[str]) -> int:
     copy_data = cfg.training_data and cfg.data_dir is not None and cfg.export_dataset
     if copy_data:  # fail before the run, not after it
         check_writable_dir(Path(cfg.data_dir), "data_dir")
-    logger.info("config: %s", to_dict(cfg))
-    logger.info("where values came from: %s", sources)
+    # The resolved config goes to its file (printed at the end), not to the console.
+    logger.debug("config: %s", to_dict(cfg))
+    logger.debug("where values came from: %s", sources)
     # Each role gets the key named by its own api_key_env, so a key is never sent to another role's server.
     keys = {
         role: api_key_for(section.llm.key_env()) if section.llm.backend == "openai" else None
@@ -109,6 +110,7 @@ def cmd_trials(argv: list[str]) -> int:
     print(f"records: {result.records_file} ({result.new_episodes} new episodes, {result.wall_time_s:.1f} s)")
     # The same config, with where values came from; without the shard, which differs between the shards of a run.
     save_config(dataclasses.replace(cfg, shard=None), config_path(result.run_dir), sources)
+    print(f"config: {config_path(result.run_dir)}")
     report_trials(cfg, result)
     if result.merged is not None:
         print(
@@ -210,7 +212,7 @@ def load_stage_config(cls, argv: list[str] | None, prog: str, stage: str):
     """A training stage's config with .env defaults under the recipe and the command line; returns (cfg, sources)."""
     defaults, hints = stage_env_defaults(stage)
     cfg, sources = resolve_config(cls, argv, prog=prog, env_defaults=defaults, missing_hints=hints)
-    logger.info("%s: where values came from: %s", prog, sources)
+    logger.debug("%s: where values came from: %s", prog, sources)  # saved with the config in output_dir
     # What .env pointed at must exist; say which earlier step writes it (before any model is loaded).
     if sources.get("dataset", "").startswith(".env") and not Path(cfg.dataset[0]).is_dir():
         raise ConfigError(
