@@ -177,6 +177,12 @@ class OnlineReflectionScorer:
         actor = build_actor(spec, suite, api_key=api_key)
         return cls(suite, actor, spec.memory_size, iter_run_records(run_dir), spec.concurrency)
 
+    async def aclose(self) -> None:
+        """Close the actor's model client (an in-process model's micro-batcher, an HTTP connection pool)."""
+        llm = getattr(self.actor, "llm", None)
+        if llm is not None:
+            await llm.aclose()
+
     def _earlier(self, task_id: str, trial: int) -> list[str]:
         return [text for t, text in self._reflections.get(task_id, []) if t < trial]
 

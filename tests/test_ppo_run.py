@@ -331,3 +331,42 @@ def test_errors_before_any_model_is_loaded(tiny_models, tmp_path, stub_rm, monke
         main(base_args(tiny_models, tmp_path, reward_source="env", env_run_dir=str(tmp_path / "run"), dataset=env_only))
     with pytest.raises(ConfigError, match="unknown option .--kl_coeff."):
         main(base_args(tiny_models, tmp_path) + ["--kl_coeff", "0.1"])
+
+
+def test_env_reward_source_closes_an_in_process_actor_on_its_own_loop(tiny_models, tmp_path):
+    """The online reward with an ``hf`` actor: close() stops the actor's micro-batcher before the loop closes, so
+    nothing complains when it is garbage-collected (it used to print "Event loop is closed" at the end of PPO)."""
+    import gc
+
+    from datasets import load_from_disk
+
+    from retroformer.config import from_dict
+    from retroformer.training.rewards import EnvRewardSource
+    from retroformer.trials import TrialsConfig, dataset_path, run_trials
+
+    llm = {"backend": "hf", "model": str(tiny_models["lm"]), "max_tokens": 8, "device": "cpu"}
+    cfg = from_dict(TrialsConfig, {
+        "run_name": "t", "runs_dir": str(tmp_path / "runs"), "trials": 2,
+        "env": {"name": "synthetic", "options": {"num_tasks": 2, "num_doors": 3}},
+        "actor": {"kind": "react", "llm": llm},
+        "reflector": {"llm": {"backend": "scripted", "scripted_policy": "synthetic-clue"}},
+    })  # fmt: skip
+    result = run_trials(cfg, progress=False)
+    rows = list(load_from_disk(str(dataset_path(result.run_dir))))
+    assert rows
+    unraisable = []
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        source = EnvRewardSource.from_run_dir(str(result.run_dir))
+        backend = source.scorer.actor.llm
+        while hasattr(backend, "inner"):  # metered / cached wrappers
+            backend = backend.inner
+        source.score([r["prompt"] for r in rows], ["Open the red door."] * len(rows), rows)
+        assert backend._worker is not None  # the micro-batcher ran on the source's loop
+        source.close()
+        assert backend._worker is None
+        del source
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert not unraisable, [str(u.exc_value) for u in unraisable]

@@ -149,7 +149,16 @@ class EnvRewardSource:
         return [float(r) for r in self._loop.run_until_complete(self.scorer.score(list(rows), list(reflections)))]
 
     def close(self) -> None:
-        if not self._loop.is_closed():
+        """Close the scorer's clients on their own loop, then the loop: a client left open on a closed loop (the
+        ``hf`` backend's micro-batcher, an aiohttp session) would complain when it is garbage-collected."""
+        if self._loop.is_closed():
+            return
+        try:
+            closer = getattr(self.scorer, "aclose", None)
+            if closer is not None:
+                self._loop.run_until_complete(closer())
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        finally:
             self._loop.close()
 
 
