@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -116,7 +117,11 @@ def cmd_trials(argv: list[str]) -> int:
         print(
             f"this shard finished the run last; every shard merged:\n{format_summary(cfg.run_name, result.merged.summary)}"
         )
-    elif cfg.shard is not None and cfg.export_dataset and not (result.stopped_by_budget or result.stopped_by_errors):
+    elif (
+        cfg.shard is not None
+        and cfg.export_dataset
+        and not (result.stopped_by_budget or result.stopped_by_errors or result.stopped_by_signal)
+    ):
         print(
             f"shard {cfg.shard} done; the shard that finishes the run last merges the dataset (or: retroformer merge "
             f"{result.run_dir})"
@@ -125,6 +130,13 @@ def cmd_trials(argv: list[str]) -> int:
         print(f"rated reflections: {result.dataset_path}")
         if copy_data:
             print(f"training data: {copy_training_data(cfg, result.dataset_path, config_path(result.run_dir))}")
+    if result.stopped_by_signal:
+        print(
+            f"stopped by {result.stopped_by_signal}: the episodes in flight were finished and saved; run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     if result.stopped_by_budget:
         print("stopped early: the token/cost budget was reached; finished episodes are kept")
     if result.stopped_by_errors:

@@ -27,6 +27,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -222,6 +224,8 @@ class TrialsResult:
     summary: dict = field(default_factory=dict)
     #: Why the run stopped before its end because calls kept failing (the circuit breaker), None if it did not.
     stopped_by_errors: str | None = None
+    #: The signal that stopped the run ("SIGTERM"), None if none did: the episodes in flight were finished and saved.
+    stopped_by_signal: str | None = None
     #: The merge of every shard, when this shard finished the run last (see :func:`merge_run`).
     merged: MergeResult | None = None
 
@@ -462,6 +466,38 @@ def _has_work(done: dict[int, RecordEntry], trials: int, stop_on_success: bool, 
     return False
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[list[str]]:
+    """While the trial loop runs: a first SIGTERM (a cluster's preemption or time limit, ``kill``) starts no more
+    episodes and lets those in flight finish and be saved, so that their calls are not paid for twice; a second one
+    ends the process at once. Yields the list the signal's name is appended to. A loop outside the main thread cannot
+    take signals: SIGTERM then keeps its default (records on disk are safe either way; a rerun resumes)."""
+    received: list[str] = []
+
+    def on_sigterm() -> None:
+        if received:  # the second one: no more waiting
+            loop.remove_signal_handler(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        received.append("SIGTERM")
+        logger.warning(
+            "SIGTERM: starting no more episodes; the ones in flight finish and are saved (a second SIGTERM ends the "
+            "process now). Run the same command again to resume"
+        )
+        stop.set()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        installed = True
+    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals on this platform
+        installed = False
+    try:
+        yield received
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def run_trials_async(
     cfg: TrialsConfig,
     api_keys: dict[str, str | None] | None = None,
@@ -670,7 +706,8 @@ async def run_trials_async(
                     return
 
         try:
-            await asyncio.gather(*(run_task(t) for t in tasks))
+            with _stop_on_sigterm(loop, stop) as signalled:
+                await asyncio.gather(*(run_task(t) for t in tasks))
         finally:
             writer.close()
             if bar is not None:
@@ -681,15 +718,20 @@ async def run_trials_async(
         if storage_errors:
             raise storage_errors[0]
 
-        stopped_by_budget = stop.is_set() and breaker.message is None
+        stopped_by_signal = signalled[0] if signalled else None
+        stopped_by_budget = stop.is_set() and breaker.message is None and stopped_by_signal is None
         result = TrialsResult(out, path, new_episodes, time.perf_counter() - start, shard, stopped_by_budget)
         result.stopped_by_errors = breaker.message
+        result.stopped_by_signal = stopped_by_signal
         # Streamed from disk: what was there plus what this run appended, indexed once for the summary and the export.
         entries, lines = effective_entries(result.iter_entries())
         result.summary = summarize_entries(entries, lines, cfg.trials, num_tasks=len(tasks))
         result.summary["cost"] = ledger.summary()
         result.summary["stopped_by_budget"] = stopped_by_budget
         result.summary["stopped_by_errors"] = breaker.message
+        result.summary["stopped_by_signal"] = stopped_by_signal
+        if stopped_by_signal is not None:
+            return result  # out of time: the rerun that finishes the run exports its dataset
         if cfg.export_dataset and shard is None:
             result.dataset_path = export_rated_reflections([path], dataset_path(out), index=entries)
         elif cfg.export_dataset and not stop.is_set():
