@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 from retroformer.config import resolve_config, to_dict
-from retroformer.errors import ConfigError, RetroformerError
+from retroformer.errors import ConfigError, Interrupted, RetroformerError
 from retroformer.records import config_path
 from retroformer.report import format_summary
 from retroformer.tracking import TENSORBOARD_DIR, Trackers, check_report_to, parse_report_to
@@ -380,9 +380,13 @@ def full_disk_message(exc: OSError) -> str | None:
 
 def run_stage_script(main, argv: list[str] | None = None) -> int:
     """Run a stage script's ``main``; a :class:`RetroformerError` (bad config, missing data) or a full disk is printed,
-    exit code 2; Ctrl-C says how to resume, exit code 130."""
+    exit code 2; a stop at SIGTERM after its checkpoint (:class:`Interrupted`) exits 143 and Ctrl-C 130, each saying
+    how to resume."""
     try:
         main(argv)
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except RetroformerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -479,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in EXTERNAL:
             module, func = EXTERNAL[name].split(":")
             return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except RetroformerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,3 +36,9 @@ class BudgetExceeded(RetroformerError):
 
 class RunInUse(RetroformerError):
     """Another process is running in the same run directory."""
+
+
+class Interrupted(RetroformerError):
+    """A stage stopped at a signal (SIGTERM) after saving a checkpoint to resume from; the process exits 143."""
+
+    exit_code = 143

@@ -370,3 +370,36 @@ def test_env_reward_source_closes_an_in_process_actor_on_its_own_loop(tiny_model
     finally:
         sys.unraisablehook = old_hook
     assert not unraisable, [str(u.exc_value) for u in unraisable]
+
+
+def test_sigterm_finishes_the_iteration_saves_a_checkpoint_and_a_rerun_resumes(tiny_models, tmp_path):
+    # A cluster's preemption or time limit sends SIGTERM: the iteration in progress (its rollout may be paid calls)
+    # is finished and checkpointed instead of lost, and the process exits 143.
+    import os
+    import signal
+
+    out = tmp_path / "ppo"
+    argv = base_args(tiny_models, tmp_path, num_iterations=500, save_steps=1000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "ppo_run.py"), *argv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # wait until an iteration has finished: training is under way
+        lines.append(line)
+        if "iteration 1/500" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    stopped = re.search(r"stopped by SIGTERM after iteration (\d+)/500", err)
+    assert stopped, err[-2000:]
+    step = int(stopped.group(1))
+    assert step < 500 and (out / f"checkpoint-{step}" / "training_state.pt").is_file()
+
+    again = subprocess.run([*cmd, "--num_iterations", str(step + 1)], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ppo/resumed_from"] == step and metrics["ppo/iterations"] == step + 1

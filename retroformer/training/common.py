@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import signal
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -167,6 +170,40 @@ def checkpoint_step(checkpoint: str | None) -> int | None:
         return None
     match = re.search(r"checkpoint-(\d+)$", str(checkpoint).rstrip("/"))
     return int(match.group(1)) if match else None
+
+
+class StopOnSigterm:
+    """While a training loop runs: a first SIGTERM (a cluster's preemption or time limit) is noted in ``received``, so
+    that the loop finishes its current iteration, saves a checkpoint and stops (its rollouts' paid calls are kept); a
+    second one ends the process at once. Outside the main thread signals cannot be caught and SIGTERM keeps its
+    default."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.received:  # the second one: no more waiting
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.received = True
+        logger.warning(
+            "SIGTERM: finishing this iteration, then saving a checkpoint and stopping (a second SIGTERM ends the "
+            "process now)"
+        )
+
+    def __enter__(self) -> StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
 
 
 def _jsonable(value: Any) -> Any:

@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from retroformer.config import doc, from_dict, to_dict
-from retroformer.errors import ConfigError, DataError
+from retroformer.errors import ConfigError, DataError, Interrupted
 from retroformer.tracking import TENSORBOARD_DIR, check_report_to, flat_config, parse_report_to
-from retroformer.training.common import LoraSettings, build_lora_config, resume_checkpoint
+from retroformer.training.common import LoraSettings, StopOnSigterm, build_lora_config, resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -481,6 +481,15 @@ def load_checkpoint(model, optimizer, checkpoint: str | Path, prompt_rng: random
     return int(state["step"]), list(state["history"])
 
 
+def _any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (all of them must stop at the same iteration)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
+
+
 def _last_checkpoint(output_dir: Path) -> Path | None:
     last = resume_checkpoint(output_dir)
     return Path(last) if last and (Path(last) / TRAINING_STATE).is_file() else None
@@ -536,79 +545,86 @@ def train_ppo(
     order: list[int] = []
     rollout_size = cfg.batch_size * cfg.num_samples_per_prompt
     started = time.perf_counter()
-    for iteration in range(start + 1, cfg.num_iterations + 1):
-        t0 = time.perf_counter()
-        batch_idx = []
-        while len(batch_idx) < cfg.batch_size:  # epochs over the prompts, reshuffled each time
-            if not order:
-                order = list(range(len(prompts)))
-                prompt_rng.shuffle(order)
-            batch_idx.append(order.pop())
-        batch = collect_rollout(
-            policy, tokenizer, [prompts[i] for i in batch_idx], [rows[i] for i in batch_idx], reward_fn, cfg,
-            logits_processor,
-        )  # fmt: skip
-        t1 = time.perf_counter()
+    with StopOnSigterm() as sigterm:
+        for iteration in range(start + 1, cfg.num_iterations + 1):
+            t0 = time.perf_counter()
+            batch_idx = []
+            while len(batch_idx) < cfg.batch_size:  # epochs over the prompts, reshuffled each time
+                if not order:
+                    order = list(range(len(prompts)))
+                    prompt_rng.shuffle(order)
+                batch_idx.append(order.pop())
+            batch = collect_rollout(
+                policy, tokenizer, [prompts[i] for i in batch_idx], [rows[i] for i in batch_idx], reward_fn, cfg,
+                logits_processor,
+            )  # fmt: skip
+            t1 = time.perf_counter()
 
-        model.train()
-        stats: dict[str, list[float]] = {"loss": [], "pg_loss": [], "entropy": [], "clipfrac": [], "approx_kl": []}
-        grad_norms: list[float] = []
-        for _epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(rollout_size, device=batch.input_ids.device)
-            for mb_start in range(0, rollout_size, cfg.minibatch_size):
-                mb = perm[mb_start : mb_start + cfg.minibatch_size]
-                with accelerator.accumulate(model):
-                    new_logprobs, entropy = token_logprobs(
-                        model, batch.input_ids[mb], batch.attention_mask[mb], batch.response_length, cfg.temperature,
-                        with_entropy=cfg.entropy_coef > 0,
-                    )  # fmt: skip
-                    pg_loss, clipfrac, approx_kl = clipped_surrogate_loss(
-                        new_logprobs, batch.logprobs[mb], batch.advantages[mb], batch.mask[mb], cfg.clip_range
-                    )
-                    loss = pg_loss
-                    if entropy is not None:
-                        mean_entropy = masked_mean(entropy, batch.mask[mb])
-                        loss = pg_loss - cfg.entropy_coef * mean_entropy
-                        stats["entropy"].append(mean_entropy.item())
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norms.append(float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)))
-                    optimizer.step()
-                    optimizer.zero_grad()
-                stats["loss"].append(loss.item())
-                stats["pg_loss"].append(pg_loss.item())
-                stats["clipfrac"].append(clipfrac.item())
-                stats["approx_kl"].append(approx_kl.item())
-        t2 = time.perf_counter()
+            model.train()
+            stats: dict[str, list[float]] = {"loss": [], "pg_loss": [], "entropy": [], "clipfrac": [], "approx_kl": []}
+            grad_norms: list[float] = []
+            for _epoch in range(cfg.ppo_epochs):
+                perm = torch.randperm(rollout_size, device=batch.input_ids.device)
+                for mb_start in range(0, rollout_size, cfg.minibatch_size):
+                    mb = perm[mb_start : mb_start + cfg.minibatch_size]
+                    with accelerator.accumulate(model):
+                        new_logprobs, entropy = token_logprobs(
+                            model, batch.input_ids[mb], batch.attention_mask[mb], batch.response_length, cfg.temperature,
+                            with_entropy=cfg.entropy_coef > 0,
+                        )  # fmt: skip
+                        pg_loss, clipfrac, approx_kl = clipped_surrogate_loss(
+                            new_logprobs, batch.logprobs[mb], batch.advantages[mb], batch.mask[mb], cfg.clip_range
+                        )
+                        loss = pg_loss
+                        if entropy is not None:
+                            mean_entropy = masked_mean(entropy, batch.mask[mb])
+                            loss = pg_loss - cfg.entropy_coef * mean_entropy
+                            stats["entropy"].append(mean_entropy.item())
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            grad_norms.append(float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)))
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    stats["loss"].append(loss.item())
+                    stats["pg_loss"].append(pg_loss.item())
+                    stats["clipfrac"].append(clipfrac.item())
+                    stats["approx_kl"].append(approx_kl.item())
+            t2 = time.perf_counter()
 
-        rewards = accelerator.gather(batch.rewards)
-        lengths = accelerator.gather(batch.mask.sum(1).float())
-        metrics = {
-            "iteration": iteration,
-            "rollout/reward_mean": rewards.mean().item(),
-            "rollout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "rollout/return_mean": batch.returns.mean().item(),
-            "rollout/response_length": lengths.mean().item(),
-            "rollout/time_s": t1 - t0,
-            "ppo/kl": batch.kl.mean().item(),
-            "ppo/advantage_std": batch.advantages.std().item(),
-            "ppo/time_s": t2 - t1,
-            "ppo/learning_rate": cfg.learning_rate,
-            "ppo/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-        }
-        metrics.update({f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v})
-        if evaluate is not None and (iteration % cfg.eval_steps == 0 or iteration == cfg.num_iterations):
-            metrics.update(evaluate(policy))
-        history.append(metrics)
-        if iteration % cfg.logging_steps == 0 or iteration == cfg.num_iterations:
-            logger.info("iteration %d/%d %s", iteration, cfg.num_iterations,
-                        json.dumps({k: round(v, 4) for k, v in metrics.items() if k != "iteration"}))  # fmt: skip
-            if cfg.report_to != "none":
-                accelerator.log(metrics, step=iteration)
-        if iteration % cfg.save_steps == 0 or iteration == cfg.num_iterations:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(policy, optimizer, iteration, prompt_rng, history, output_dir)
+            rewards = accelerator.gather(batch.rewards)
+            lengths = accelerator.gather(batch.mask.sum(1).float())
+            metrics = {
+                "iteration": iteration,
+                "rollout/reward_mean": rewards.mean().item(),
+                "rollout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+                "rollout/return_mean": batch.returns.mean().item(),
+                "rollout/response_length": lengths.mean().item(),
+                "rollout/time_s": t1 - t0,
+                "ppo/kl": batch.kl.mean().item(),
+                "ppo/advantage_std": batch.advantages.std().item(),
+                "ppo/time_s": t2 - t1,
+                "ppo/learning_rate": cfg.learning_rate,
+                "ppo/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            }
+            metrics.update({f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+            if evaluate is not None and (iteration % cfg.eval_steps == 0 or iteration == cfg.num_iterations):
+                metrics.update(evaluate(policy))
+            history.append(metrics)
+            if iteration % cfg.logging_steps == 0 or iteration == cfg.num_iterations:
+                logger.info("iteration %d/%d %s", iteration, cfg.num_iterations,
+                            json.dumps({k: round(v, 4) for k, v in metrics.items() if k != "iteration"}))  # fmt: skip
+                if cfg.report_to != "none":
+                    accelerator.log(metrics, step=iteration)
+            stopping = _any_process(accelerator, sigterm.received)
+            if iteration % cfg.save_steps == 0 or iteration == cfg.num_iterations or stopping:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(policy, optimizer, iteration, prompt_rng, history, output_dir)
+            if stopping and iteration < cfg.num_iterations:
+                raise Interrupted(
+                    f"stopped by SIGTERM after iteration {iteration}/{cfg.num_iterations}; "
+                    f"{output_dir / f'checkpoint-{iteration}'} is saved: run the same command again to resume"
+                )
 
     done = [m for m in history if m["iteration"] > start]
     elapsed = time.perf_counter() - started
