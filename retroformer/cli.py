@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from retroformer.config import resolve_config, to_dict
@@ -378,12 +379,12 @@ def full_disk_message(exc: OSError) -> str | None:
     )
 
 
-def run_stage_script(main, argv: list[str] | None = None) -> int:
-    """Run a stage script's ``main``; a :class:`RetroformerError` (bad config, missing data) or a full disk is printed,
-    exit code 2; a stop at SIGTERM after its checkpoint (:class:`Interrupted`) exits 143 and Ctrl-C 130, each saying
-    how to resume."""
+def guarded(call: Callable[[], int | None]) -> int:
+    """Run ``call`` and return its exit code; what a user can cause or fix is one line on stderr and an exit code: a
+    :class:`RetroformerError` (bad config, missing data) or a full disk 2, a stop at SIGTERM after a checkpoint
+    (:class:`Interrupted`) 143, Ctrl-C 130, each saying how to go on."""
     try:
-        main(argv)
+        return int(call() or 0)
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
@@ -399,7 +400,15 @@ def run_stage_script(main, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_INTERRUPTED, file=sys.stderr)
         return 130
-    return 0
+
+
+def run_stage_script(main, argv: list[str] | None = None) -> int:
+    """Run a stage script's ``main`` (which returns its metrics) under :func:`guarded`."""
+
+    def call() -> None:
+        main(argv)
+
+    return guarded(call)
 
 
 def cmd_tiny_models(argv: list[str]) -> int:
@@ -477,27 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     load_env_file()
     setup_logging()
-    try:
-        if name in COMMANDS:
-            return COMMANDS[name](rest)
-        if name in EXTERNAL:
-            module, func = EXTERNAL[name].split(":")
-            return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    except Interrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
-    except RetroformerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        message = full_disk_message(exc)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(_INTERRUPTED, file=sys.stderr)
-        return 130
+    if name in COMMANDS:
+        return guarded(lambda: COMMANDS[name](rest))
+    if name in EXTERNAL:
+        module, func = EXTERNAL[name].split(":")
+        return guarded(lambda: getattr(importlib.import_module(module), func)(rest))
     import difflib
 
     close = difflib.get_close_matches(name, names, n=1)
