@@ -247,3 +247,34 @@ def test_a_full_disk_is_a_clear_error_and_a_rerun_finishes(tmp_path, tiny_models
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["sft/global_step"] == 2
+
+
+def test_sigterm_ends_the_step_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, tiny_models, dataset):  # noqa: F811
+    import re
+    import signal
+
+    out = tmp_path / "sft"
+    argv = sft_argv(tiny_models["lm"], dataset, out, "--max_steps", "400", "--save_steps", "1000")
+    cmd = [sys.executable, str(SCRIPT), *argv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
+    lines = []
+    for line in proc.stdout:  # wait until a step has been logged: training is under way
+        lines.append(line)
+        if "'loss'" in line or '"loss"' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + proc.stdout.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 143, output[-3000:]
+    assert "Traceback" not in output
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)/400", output)
+    assert stopped, output[-2000:]
+    step = int(stopped.group(1))
+    assert 0 < step < 400 and (out / f"checkpoint-{step}").is_dir()
+
+    again = subprocess.run(
+        [*cmd, "--max_steps", str(step + 1)], capture_output=True, text=True, env=_env(), cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sft/resumed_from_step"] == step and metrics["sft/global_step"] == step + 1

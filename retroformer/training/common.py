@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from retroformer.config import doc, to_dict
-from retroformer.errors import ConfigError, DataError
+from retroformer.errors import ConfigError, DataError, Interrupted
 from retroformer.tracking import check_report_to
 
 logger = logging.getLogger(__name__)
@@ -204,6 +204,45 @@ class StopOnSigterm:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
             self._installed = False
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (all of them must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
+
+
+def train_until_sigterm(trainer, resume: str | None):
+    """``trainer.train(resume_from_checkpoint=resume)``; on SIGTERM the step in progress ends, a checkpoint is saved
+    and :class:`~retroformer.errors.Interrupted` says where (a rerun resumes from it)."""
+    from transformers import TrainerCallback
+
+    with StopOnSigterm() as sigterm:
+
+        class _StopAtSigterm(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if any_process(trainer.accelerator, sigterm.received):
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        callback = _StopAtSigterm()
+        trainer.add_callback(callback)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        finally:
+            trainer.remove_callback(callback)
+    state = trainer.state
+    if sigterm.received and state.global_step < state.max_steps:
+        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{state.global_step}"
+        raise Interrupted(
+            f"stopped by SIGTERM at step {state.global_step}/{state.max_steps}; {checkpoint} is saved: run the same "
+            "command again to resume"
+        )
+    return result
 
 
 def _jsonable(value: Any) -> Any:

@@ -52,7 +52,13 @@ from typing import Any, Literal
 from retroformer.config import doc, from_dict, to_dict
 from retroformer.errors import ConfigError, DataError, Interrupted
 from retroformer.tracking import TENSORBOARD_DIR, check_report_to, flat_config, parse_report_to
-from retroformer.training.common import LoraSettings, StopOnSigterm, build_lora_config, resume_checkpoint
+from retroformer.training.common import (
+    LoraSettings,
+    StopOnSigterm,
+    any_process,
+    build_lora_config,
+    resume_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -481,15 +487,6 @@ def load_checkpoint(model, optimizer, checkpoint: str | Path, prompt_rng: random
     return int(state["step"]), list(state["history"])
 
 
-def _any_process(accelerator, flag: bool) -> bool:
-    """Whether ``flag`` is set on any process (all of them must stop at the same iteration)."""
-    if accelerator.num_processes == 1:
-        return flag
-    import torch
-
-    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
-
-
 def _last_checkpoint(output_dir: Path) -> Path | None:
     last = resume_checkpoint(output_dir)
     return Path(last) if last and (Path(last) / TRAINING_STATE).is_file() else None
@@ -615,7 +612,7 @@ def train_ppo(
                             json.dumps({k: round(v, 4) for k, v in metrics.items() if k != "iteration"}))  # fmt: skip
                 if cfg.report_to != "none":
                     accelerator.log(metrics, step=iteration)
-            stopping = _any_process(accelerator, sigterm.received)
+            stopping = any_process(accelerator, sigterm.received)
             if iteration % cfg.save_steps == 0 or iteration == cfg.num_iterations or stopping:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:

@@ -48,6 +48,7 @@ from retroformer.training.common import (
     log_config,
     namespaced,
     resume_checkpoint,
+    train_until_sigterm,
     trainer_kwargs,
     write_metrics,
 )
@@ -485,7 +486,7 @@ def run_reward(cfg: RewardStageConfig, sources: dict[str, str] | None = None) ->
 
     resume = resume_checkpoint(cfg.output_dir)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_until_sigterm(trainer, resume)
     wall = time.perf_counter() - start
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -33,6 +33,7 @@ from retroformer.training.common import (
     log_config,
     namespaced,
     resume_checkpoint,
+    train_until_sigterm,
     trainer_kwargs,
     write_metrics,
 )
@@ -223,7 +224,7 @@ def run_sft(cfg: SFTStageConfig, sources: dict[str, str] | None = None) -> dict[
 
     resume = resume_checkpoint(cfg.output_dir)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_until_sigterm(trainer, resume)
     wall = time.perf_counter() - start
     trainer.save_model(cfg.output_dir)  # PEFT: adapter_config.json + adapter weights + tokenizer at the top level
 
