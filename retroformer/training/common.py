@@ -190,7 +190,7 @@ class StopOnSigterm:
             return
         self.received = True
         logger.warning(
-            "SIGTERM: finishing this iteration, then saving a checkpoint and stopping (a second SIGTERM ends the "
+            "SIGTERM: finishing the step in progress, then saving a checkpoint and stopping (a second SIGTERM ends the "
             "process now)"
         )
 

@@ -107,7 +107,7 @@ def train_trl(cfg: PPORunConfig, prompts: list[str], rows: list[dict[str, Any]],
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer, RLOOTrainer
 
-    from retroformer.training.common import build_lora_config, namespaced, resume_checkpoint
+    from retroformer.training.common import build_lora_config, namespaced, resume_checkpoint, train_until_sigterm
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.sft_adapter or cfg.model)
     if tokenizer.pad_token is None:
@@ -136,7 +136,7 @@ def train_trl(cfg: PPORunConfig, prompts: list[str], rows: list[dict[str, Any]],
     callback = trainer_callback(cfg.report_to, "ppo", cfg.output_dir, to_dict(cfg))
     if callback is not None:
         trainer.add_callback(callback)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.output_dir))
+    result = train_until_sigterm(trainer, resume_checkpoint(cfg.output_dir))
     trainer.save_model(cfg.output_dir)
     tokenizer.save_pretrained(cfg.output_dir)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
