@@ -87,7 +87,9 @@ def mcnemar_exact(a: dict[str, bool], b: dict[str, bool]) -> dict[str, float | i
     return {"only_first": only_a, "only_second": only_b, "p": p, "n_tasks": len(tasks)}
 
 
-def seed_result(workdir: Path) -> dict:
+def seed_result(workdir: Path, baseline: Path | None = None) -> dict:
+    """The seed's figures; ``baseline``: another run's seed directory whose PPO reflector this one's is tested against
+    (the same held-out tasks, e.g. PPO with fewer iterations)."""
     from retroformer.stats import wilson_interval
 
     present = {k: run for k, (run, _) in CONDITIONS.items() if (workdir / run).is_dir()}  # older runs lack oracles
@@ -107,6 +109,11 @@ def seed_result(workdir: Path) -> dict:
         test = mcnemar_exact(solved[first][1], solved[second][1])
         result["tests_trial1"][f"{first}_vs_{second}"] = test
         result[f"p_{first}_vs_{second}"] = test["p"]
+    if baseline is not None and "ppo" in solved:
+        theirs = solved_by_trial(baseline / CONDITIONS["ppo"][0], 1)
+        test = mcnemar_exact(solved["ppo"][1], theirs)
+        result["tests_trial1"]["ppo_vs_ppo_baseline"] = test
+        result["ppo_baseline"] = {"run": str(baseline), "success_trial1": sum(theirs.values()) / len(theirs)}
     result["reflections"] = reflection_stats(workdir)
     history = workdir / "ppo" / "history.json"
     if history.is_file():
@@ -214,6 +221,15 @@ def markdown(result: dict) -> str:
         ps = [result["per_seed"][str(s)]["tests_trial1"][f"{first}_vs_{second}"]["p"] for s in seeds]
         lines.append(f"- {first} minus {second}, success after trial 1, per seed: "
                      + ", ".join(f"{d:+.3f} (p = {p:.2g})" for d, p in zip(deltas, ps, strict=True)))  # fmt: skip
+    if all("ppo_baseline" in result["per_seed"][str(s)] for s in seeds):
+        cells = []
+        for s in seeds:
+            r = result["per_seed"][str(s)]
+            delta = r["success_trial1"]["ppo"] - r["ppo_baseline"]["success_trial1"]
+            cells.append(f"{delta:+.3f} (p = {r['tests_trial1']['ppo_vs_ppo_baseline']['p']:.2g})")
+        run = result["per_seed"][str(seeds[0])]["ppo_baseline"]["run"]
+        lines.append(f"- ppo minus the PPO reflector of {Path(run).parent.name}, success after trial 1, per seed: "
+                     + ", ".join(cells))  # fmt: skip
     lines += [
         "",
         f"Command: `{result['command']}`",
@@ -256,9 +272,18 @@ def main(argv: list[str] | None = None) -> int:
         help="resume what the workdir holds instead of emptying it; a seed that finished (timings.json) is only read",
     )
     parser.add_argument("--note", default="", help="how the run went (interruptions, changed sizes), for the report")
+    parser.add_argument(
+        "--compare-ppo",
+        default=None,
+        help="another run's workdir: test each seed's PPO reflector against its PPO reflector (same held-out tasks)",
+    )
     args = parser.parse_args(argv)
     demo = load_real_demo()
     t0 = time.perf_counter()
+
+    def baseline_of(seed: int) -> Path | None:
+        return None if args.compare_ppo is None else ROOT / args.compare_ppo / f"seed{seed}"
+
     per_seed, timings = {}, {}
     for seed in args.seeds:
         workdir = f"{args.workdir}/seed{seed}"
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep and done.is_file():
             # A seed finished by an earlier invocation: read its runs again rather than rerun them.
             timings[str(seed)] = [tuple(t) for t in json.loads(done.read_text())]
-            per_seed[str(seed)] = seed_result(ROOT / workdir)
+            per_seed[str(seed)] = seed_result(ROOT / workdir, baseline_of(seed))
             continue
         if not args.keep:
             shutil.rmtree(ROOT / workdir, ignore_errors=True)
@@ -276,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         timings[str(seed)] = demo.load_run_steps()(steps, f"{workdir}/logs", log=print)
         done.write_text(json.dumps(timings[str(seed)]) + "\n")
-        per_seed[str(seed)] = seed_result(ROOT / workdir)
+        per_seed[str(seed)] = seed_result(ROOT / workdir, baseline_of(seed))
         print(f"seed {seed}: {json.dumps(per_seed[str(seed)]['success_trial1'])}", flush=True)
     result = {
         "seeds": args.seeds,
