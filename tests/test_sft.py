@@ -278,3 +278,39 @@ def test_sigterm_ends_the_step_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, 
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sft/resumed_from_step"] == step and metrics["sft/global_step"] == step + 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None, reason="no accelerate")
+def test_sigterm_to_two_accelerate_processes_stops_both_at_one_step(tmp_path, tiny_models, dataset):  # noqa: F811
+    # SLURM signals every process of a job step; the two ranks must agree on the step, or the next collective hangs.
+    import re
+    import signal
+
+    out = tmp_path / "sft"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    argv = sft_argv(tiny_models["lm"], dataset, out, "--max_steps", "400", "--save_steps", "1000")
+    launch = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", str(SCRIPT)]  # fmt: skip
+    proc = subprocess.Popen(
+        [*launch, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path,
+        start_new_session=True,
+    )  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "'loss'" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    output = "".join(lines) + proc.stdout.read()
+    proc.wait(timeout=120)
+    stopped = set(re.findall(r"stopped by SIGTERM at step (\d+)/400", output))
+    assert len(stopped) == 1, output[-3000:]  # every rank that says so names the same step
+    step = int(stopped.pop())
+    assert (out / f"checkpoint-{step}").is_dir()
+    again = subprocess.run(
+        [*launch, *argv, "--max_steps", str(step + 1)], capture_output=True, text=True, env=_env(), cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sft/resumed_from_step"] == step and metrics["sft/global_step"] == step + 1
