@@ -486,6 +486,7 @@ def _stop_on_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> It
         )
         stop.set()
 
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         installed = True
@@ -496,6 +497,8 @@ def _stop_on_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> It
     finally:
         if installed:
             loop.remove_signal_handler(signal.SIGTERM)
+            if previous is not None:  # the handler the caller had (asyncio would leave the default)
+                signal.signal(signal.SIGTERM, previous)
 
 
 async def run_trials_async(

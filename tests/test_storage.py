@@ -226,3 +226,22 @@ def test_sigterm_finishes_the_episodes_in_flight_and_a_rerun_pays_for_no_call_tw
     done = pairs(path)
     assert len(done) == 40 * 2 and max(done.values()) == 1  # fail at trial 0, reflect, succeed at trial 1
     assert calls_recorded(path) == len(fake.requests) == 40 * 3
+
+
+def test_a_run_gives_back_the_sigterm_handler_it_found(tmp_path):
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    cfg = from_dict(TrialsConfig, {
+        "run_name": "r", "runs_dir": str(tmp_path / "runs"), "trials": 1, "export_dataset": False,
+        "env": {"name": "synthetic", "options": {"num_tasks": 2, "num_doors": 3}}, "actor": {"kind": "plan"},
+        "reflector": {"llm": {"backend": "scripted", "scripted_policy": "synthetic-clue"}},
+    })  # fmt: skip
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        run_trials(cfg, progress=False)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
