@@ -314,3 +314,15 @@ def test_sigterm_to_two_accelerate_processes_stops_both_at_one_step(tmp_path, ti
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sft/resumed_from_step"] == step and metrics["sft/global_step"] == step + 1
+
+
+def test_the_data_loader_does_not_warn_about_pinned_memory(tmp_path, tiny_models, dataset):  # noqa: F811
+    # On a machine without a GPU, pinning memory does nothing and torch says so on every stage's console.
+    import warnings
+
+    cfg = load_config(SFTStageConfig, sft_argv(tiny_models["lm"], dataset, tmp_path / "sft"))
+    trainer, _ = build_sft_trainer(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        next(iter(trainer.get_train_dataloader()))
+    assert not [w for w in caught if "pin_memory" in str(w.message)]

@@ -345,4 +345,13 @@ def trainer_kwargs(cfg: TrainerSettings, output_dir: str) -> dict[str, Any]:
         "activation_checkpointing": cfg.gradient_checkpointing,
         # Trackers are fed by retroformer.tracking.trainer_callback, which namespaces the metrics (sft/..., reward/...).
         "report_to": "none",
+        # Pinned memory only helps copies to an accelerator; on a CPU the data loader warns that it is unused.
+        "dataloader_pin_memory": _has_accelerator(),
     }
+
+
+def _has_accelerator() -> bool:
+    """What torch's data loader asks before pinning memory (a GPU or another accelerator)."""
+    import torch
+
+    return torch.accelerator.is_available()
