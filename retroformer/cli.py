@@ -132,12 +132,12 @@ def cmd_trials(argv: list[str]) -> int:
         if copy_data:
             print(f"training data: {copy_training_data(cfg, result.dataset_path, config_path(result.run_dir))}")
     if result.stopped_by_signal:
+        what = "Ctrl-C" if result.stopped_by_signal == "SIGINT" else result.stopped_by_signal
         print(
-            f"stopped by {result.stopped_by_signal}: the episodes in flight were finished and saved; run the same "
-            "command again to resume",
+            f"stopped by {what}: the episodes in flight were finished and saved; run the same command again to resume",
             file=sys.stderr,
         )
-        return 128 + signal.SIGTERM
+        return 128 + signal.Signals[result.stopped_by_signal]
     if result.stopped_by_budget:
         print("stopped early: the token/cost budget was reached; finished episodes are kept")
     if result.stopped_by_errors:

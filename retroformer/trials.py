@@ -224,7 +224,8 @@ class TrialsResult:
     summary: dict = field(default_factory=dict)
     #: Why the run stopped before its end because calls kept failing (the circuit breaker), None if it did not.
     stopped_by_errors: str | None = None
-    #: The signal that stopped the run ("SIGTERM"), None if none did: the episodes in flight were finished and saved.
+    #: The signal that stopped the run ("SIGTERM", "SIGINT"), None if none did: the episodes in flight were finished
+    #: and saved.
     stopped_by_signal: str | None = None
     #: The merge of every shard, when this shard finished the run last (see :func:`merge_run`).
     merged: MergeResult | None = None
@@ -466,39 +467,50 @@ def _has_work(done: dict[int, RecordEntry], trials: int, stop_on_success: bool, 
     return False
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[list[str]]:
-    """While the trial loop runs: a first SIGTERM (a cluster's preemption or time limit, ``kill``) starts no more
-    episodes and lets those in flight finish and be saved, so that their calls are not paid for twice; a second one
-    ends the process at once. Yields the list the signal's name is appended to. A loop outside the main thread cannot
-    take signals: SIGTERM then keeps its default (records on disk are safe either way; a rerun resumes)."""
-    received: list[str] = []
+#: The signals that stop a run gently: a cluster's preemption or time limit (SIGTERM), Ctrl-C (SIGINT).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def on_sigterm() -> None:
+
+@contextlib.contextmanager
+def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[list[str]]:
+    """While the trial loop runs: a first SIGTERM (a cluster's preemption or time limit, ``kill``) or Ctrl-C starts no
+    more episodes and lets those in flight finish and be saved, so that their calls are not paid for twice; a second
+    one ends the run at once. Yields the list the signal's name is appended to. A loop outside the main thread cannot
+    take signals: they then keep their default (records on disk are safe either way; a rerun resumes)."""
+    received: list[str] = []
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+
+    def on_signal(sig: signal.Signals) -> None:
         if received:  # the second one: no more waiting
-            loop.remove_signal_handler(signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
+            for other in _STOP_SIGNALS:
+                loop.remove_signal_handler(other)
+            if sig == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), sig)
             return
-        received.append("SIGTERM")
+        received.append(sig.name)
+        what = "Ctrl-C" if sig == signal.SIGINT else sig.name
         logger.warning(
-            "SIGTERM: starting no more episodes; the ones in flight finish and are saved (a second SIGTERM ends the "
-            "process now). Run the same command again to resume"
+            "%s: starting no more episodes; the ones in flight finish and are saved (press Ctrl-C again, or send "
+            "SIGTERM again, to stop now). Run the same command again to resume",
+            what,
         )
         stop.set()
 
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        installed = True
-    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals on this platform
-        installed = False
+    installed = []
+    for sig in _STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals here
+            break
     try:
         yield received
     finally:
-        if installed:
-            loop.remove_signal_handler(signal.SIGTERM)
-            if previous is not None:  # the handler the caller had (asyncio would leave the default)
-                signal.signal(signal.SIGTERM, previous)
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+            if previous[sig] is not None:  # the handler the caller had (asyncio would leave the default)
+                signal.signal(sig, previous[sig])
 
 
 async def run_trials_async(
@@ -709,7 +721,7 @@ async def run_trials_async(
                     return
 
         try:
-            with _stop_on_sigterm(loop, stop) as signalled:
+            with _stop_on_signals(loop, stop) as signalled:
                 await asyncio.gather(*(run_task(t) for t in tasks))
         finally:
             writer.close()

@@ -191,11 +191,14 @@ def calls_recorded(path) -> int:
     )
 
 
-def test_sigterm_finishes_the_episodes_in_flight_and_a_rerun_pays_for_no_call_twice(tmp_path):
-    # A cluster's preemption or time limit sends SIGTERM: the calls in flight are paid for, so their episodes finish
-    # and are saved; no new one starts. Every call the server answered ends up in a record.
+@pytest.mark.parametrize("signame, said", [("SIGTERM", "SIGTERM"), ("SIGINT", "Ctrl-C")])
+def test_a_signal_finishes_the_episodes_in_flight_and_a_rerun_pays_for_no_call_twice(tmp_path, signame, said):
+    # A cluster's preemption or time limit sends SIGTERM, a person presses Ctrl-C: the calls in flight are paid for,
+    # so their episodes finish and are saved; no new one starts. Every call the server answered ends up in a record.
     import signal
     import time
+
+    sig = signal.Signals[signame]
 
     fake = FakeOpenAIServer(reply=vault_reply, latency_s=0.25)
     with fake as url:
@@ -213,11 +216,11 @@ def test_sigterm_finishes_the_episodes_in_flight_and_a_rerun_pays_for_no_call_tw
         while not (path.is_file() and path.stat().st_size > 0) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # episodes are in flight now
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         first_calls = len(fake.requests)
-        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-        assert "Traceback" not in err and "stopped by SIGTERM" in err and "run the same command again" in err
+        assert proc.returncode == 128 + sig, err[-2000:]
+        assert "Traceback" not in err and f"stopped by {said}" in err and "run the same command again" in err
         assert 0 < calls_recorded(path) == first_calls  # no answered call was lost
         assert len(pairs(path)) < 40 * 2  # the run did stop early
 
@@ -228,10 +231,13 @@ def test_sigterm_finishes_the_episodes_in_flight_and_a_rerun_pays_for_no_call_tw
     assert calls_recorded(path) == len(fake.requests) == 40 * 3
 
 
-def test_a_run_gives_back_the_sigterm_handler_it_found(tmp_path):
+def test_a_run_gives_back_the_signal_handlers_it_found(tmp_path):
     import signal
 
     def mine(signum, frame):
+        pass
+
+    def my_int(signum, frame):
         pass
 
     cfg = from_dict(TrialsConfig, {
@@ -239,9 +245,10 @@ def test_a_run_gives_back_the_sigterm_handler_it_found(tmp_path):
         "env": {"name": "synthetic", "options": {"num_tasks": 2, "num_doors": 3}}, "actor": {"kind": "plan"},
         "reflector": {"llm": {"backend": "scripted", "scripted_policy": "synthetic-clue"}},
     })  # fmt: skip
-    previous = signal.signal(signal.SIGTERM, mine)
+    previous = signal.signal(signal.SIGTERM, mine), signal.signal(signal.SIGINT, my_int)
     try:
         run_trials(cfg, progress=False)
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is my_int
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
