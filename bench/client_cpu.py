@@ -25,19 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _worktree(ref: str, where: Path) -> Path:
-    sha = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    path = where / sha.strip()[:12]
-    if not path.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha.strip()], cwd=ROOT, check=True,
-                       capture_output=True)  # fmt: skip
-    return path
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def _run(path: Path, concurrency: list[int], latency: float, extra: list[str]) -> list[dict]:
+def _run(path: Path, concurrency: list[int], latency: float) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, "bench/rollout_throughput.py", "--repeats", "1", "--latency", str(latency),
-               "--concurrency", *map(str, concurrency), "--out", out.name, *extra]  # fmt: skip
+               "--concurrency", *map(str, concurrency), "--out", out.name]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(path))
         subprocess.run(cmd, cwd=path, env=env, check=True, capture_output=True, text=True)
         rows = json.loads(Path(out.name).read_text())
@@ -68,14 +63,23 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--versions takes name=gitref pairs (e.g. orig=f343225 after=HEAD), got {spec!r}")
         versions.append((name, ref))
     where = Path(args.worktrees or tempfile.mkdtemp(prefix="client-cpu-"))
-    paths = {name: _worktree(ref, where) for name, ref in versions}
+    paths = {name: where / _git("rev-parse", ref)[:12] for name, ref in versions}
     started = dt.datetime.now(dt.timezone.utc)
     rows: list[dict] = []
-    for rnd in range(args.rounds):
-        for name, _ in versions:
-            for row in _run(paths[name], args.concurrency, args.latency, []):
-                rows.append(dict(row, version=name, round=rnd, load1=os.getloadavg()[0]))
-            print(f"round {rnd + 1}/{args.rounds} {name} done", file=sys.stderr)
+    created: list[Path] = []
+    try:
+        for name, ref in versions:
+            if not paths[name].exists():
+                _git("worktree", "add", "--detach", str(paths[name]), _git("rev-parse", ref))
+                created.append(paths[name])
+        for rnd in range(args.rounds):
+            for name, _ in versions:
+                for row in _run(paths[name], args.concurrency, args.latency):
+                    rows.append(dict(row, version=name, round=rnd, load1=os.getloadavg()[0]))
+                print(f"round {rnd + 1}/{args.rounds} {name} done", file=sys.stderr)
+    finally:  # the checkouts made here are throwaway: leave no worktree registered in the repository
+        for path in created:
+            _git("worktree", "remove", "--force", str(path))
     ended = dt.datetime.now(dt.timezone.utc)
 
     names = [name for name, _ in versions]
