@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from test_run_safety import cfg_for
 
 from retroformer.config import from_dict
 from retroformer.errors import StorageError
@@ -137,20 +138,7 @@ def test_once_records_cannot_be_saved_no_more_episodes_start(tmp_path, monkeypat
     monkeypatch.setattr(trials, "run_new_episode", run_new_episode)
     fake = FakeOpenAIServer(reply=vault_reply, latency_s=0.02)
     with fake as url:
-        llm = {"backend": "openai", "base_url": url, "model": "fake-model", "style": "chat"}
-        cfg = from_dict(
-            TrialsConfig,
-            {
-                "run_name": "r",
-                "runs_dir": str(tmp_path / "runs"),
-                "trials": 3,
-                "concurrency": 2,
-                "export_dataset": False,
-                "env": {"name": "synthetic", "options": {"num_tasks": 40, "num_doors": 3}},
-                "actor": {"kind": "react", "llm": llm},
-                "reflector": {"llm": dict(llm, max_tokens=64)},
-            },
-        )
+        cfg = cfg_for(tmp_path, url, concurrency=2, **{"env.options.num_tasks": 40})
         with pytest.raises(StorageError, match="No space left"):
             run_trials(cfg, progress=False)
     saved = list(read_records(records_path(tmp_path / "runs" / "r")))
