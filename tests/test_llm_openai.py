@@ -15,7 +15,9 @@ import pytest
 from retroformer.errors import ConfigError, LLMError
 from retroformer.llm import LLMConfig, build_llm
 from retroformer.llm.base import GenerationRequest, SamplingParams
-from retroformer.llm.openai_backend import OpenAIBackend, _proxy_for
+from retroformer.llm.openai_backend import OpenAIBackend
+from retroformer.llm.transport import Lanes
+from retroformer.llm.transport import proxy_for as _proxy_for
 from retroformer.testing import FakeOpenAIServer, Fault
 
 KEY = "sk-SENTINEL-0123456789abcdef"
@@ -75,7 +77,7 @@ def test_a_local_server_gets_the_request_without_the_sdks_telemetry_headers():
     assert not [name for name in req.headers if name.lower().startswith("x-stainless")]
     # OpenAI's own servers still get them (the SDK's defaults are left alone there).
     openai_backend = OpenAIBackend(LLMConfig(backend="openai", model="gpt-4o-mini"), api_key=KEY)
-    assert openai_backend._default_headers is None and openai_backend._request_options == {}
+    assert openai_backend._default_headers is None and openai_backend._request_headers == {}
 
 
 def test_completion_style_prepends_system_and_passes_sampling():
@@ -125,7 +127,7 @@ async def waves(llm: OpenAIBackend, waves: int, width: int) -> int | None:
     try:
         for w in range(waves):
             await asyncio.gather(*(llm.generate(GenerationRequest(prompt=f"p{w}-{i}")) for i in range(width)))
-        return None if llm._transport is None else len(llm._transport.lanes)
+        return len(llm._transport.lanes) if isinstance(llm._transport, Lanes) else None
     finally:
         await llm.aclose()
 

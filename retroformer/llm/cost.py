@@ -148,14 +148,12 @@ class CostLedger:
 
     def check(self, max_tokens: int | None = None, max_usd: float | None = None) -> None:
         """Raise :class:`BudgetExceeded` when the totals reached ``max_tokens`` or ``max_usd`` (None: no limit)."""
-        tokens = self.total_tokens
-        if max_tokens is not None and tokens >= max_tokens:
+        if max_tokens is not None and (tokens := self.total_tokens) >= max_tokens:
             raise BudgetExceeded(
                 f"token budget reached: {tokens} tokens used, limit {max_tokens}; finished episodes are kept. "
                 "Raise the token budget or resume the run to continue"
             )
-        usd = self.total_usd
-        if max_usd is not None and usd >= max_usd:
+        if max_usd is not None and (usd := self.total_usd) >= max_usd:
             raise BudgetExceeded(
                 f"cost budget reached: ${usd:.4f} spent, limit ${max_usd:.4f} (example prices, see "
                 "retroformer.llm.cost); finished episodes are kept. Raise the cost budget or resume the run to continue"

@@ -12,31 +12,25 @@ The API key is held privately and never appears in ``repr``, logs or error messa
 it, in case a server echoes it back). The SDK itself reads a few ``OPENAI_*`` variables (organisation, project) when
 the client is created; base URL and key are always passed explicitly.
 
-Client CPU per call (measured in ``bench/RESULTS.md``, sections 7 and 7b): one SDK client per event loop. Its HTTP
-library is ``llm.http_client``: aiohttp by default, through the SDK's own ``DefaultAioHttpClient`` (aiohttp parses
-HTTP in C; about two thirds of httpx's client CPU per call), with ``llm.concurrency`` connections kept alive; or httpx,
-whose connections then come from :class:`_Lanes` (one connection per request in flight, handed out in O(1), as many
-kept alive as ``llm.concurrency`` lets be in flight) instead of httpx's pool, which walks every pooled connection and
-probes the idle ones twice per request. One certificate store serves every client of the process. Requests go through
-the SDK's ``post`` (its documented way to reach any endpoint) to an absolute URL, with the JSON body built here as
-bytes, and the reply is parsed with :func:`json.loads`: this skips the SDK's typed-dict transform of the parameters
-and its pydantic parse of the response, which together took about a third of the client's CPU per call. The SDK's
-telemetry headers go only to OpenAI's own servers. Authentication, headers, timeouts and the error classes are still
-the SDK's own.
+Client CPU per call (measured in ``bench/RESULTS.md``, sections 7-7d): one SDK client per event loop, sending through
+:class:`~retroformer.llm.transport.DirectClient` (``llm.http_client``: aiohttp by default, or httpx), which builds the
+SDK's requests as they are and hands them straight to the transport. Requests go through the SDK's ``post`` (its
+documented way to reach any endpoint) to an absolute URL, with the JSON body built here as bytes, and the reply is
+parsed with :func:`json.loads`: this skips the SDK's typed-dict transform of the parameters and its pydantic parse of
+the response. The SDK's telemetry headers go only to OpenAI's own servers. Authentication, headers, timeouts and the
+error classes are still the SDK's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import functools
+import itertools
 import json
 import logging
 import random
-import ssl
+import secrets
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -45,6 +39,7 @@ import openai
 
 from retroformer.errors import ConfigError, LLMError
 from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop, is_openai_url
+from retroformer.llm.transport import AiohttpTransport, DirectClient, Lanes
 from retroformer.types import Usage
 
 if TYPE_CHECKING:
@@ -57,8 +52,6 @@ MAX_SERVER_STOPS = 4
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: Key sent to local servers started without one (vLLM and ``transformers serve`` accept any key).
 PLACEHOLDER_KEY = "EMPTY"
-#: Seconds an idle connection is kept alive.
-KEEPALIVE_S = 5.0
 #: The SDK's telemetry headers (platform, versions, retry count, read timeout), meant for OpenAI's servers: left out
 #: for every other server, which ignores them; nine fewer headers to build, merge and send per request.
 _PLATFORM_HEADERS = (
@@ -103,119 +96,26 @@ def _retry_after_s(headers: Any) -> float | None:
         return None
 
 
-class _Release(httpx2.AsyncByteStream):
-    """A response body that calls ``release`` once, when it is closed (the SDK closes every response it reads)."""
-
-    def __init__(self, inner: httpx2.AsyncByteStream, release: Callable[[], None]) -> None:
-        self._inner = inner
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self._inner:
-            yield part
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
-
-
-class _Lanes(httpx2.AsyncBaseTransport):
-    """HTTP connections handed out one per request in flight, in O(1).
-
-    httpx's connection pool walks every pooled connection twice per request and probes the socket of each idle one;
-    with 64 connections that walk was the largest single item of the client's CPU per call. Here each lane is an httpx
-    transport holding at most one keep-alive connection; a request takes the lane freed last (its connection is the
-    warmest) or opens a new one when none is free, and gives it back when its response is closed. The lanes therefore
-    number the most requests ever in flight at once, which :class:`OpenAIBackend`'s semaphore bounds by
-    ``llm.concurrency``; all of them stay alive (httpx's default keeps 100 or fewer, so a run at concurrency 256
-    reconnected all the time). A lane whose connection the server closed reconnects on its next request.
-    """
-
-    def __init__(self, base_url: str, keepalive_expiry: float | None = KEEPALIVE_S) -> None:
-        self._limits = httpx2.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=keepalive_expiry)
-        self._proxy = _proxy_for(base_url)
-        self._free: list[httpx2.AsyncHTTPTransport] = []
-        self.lanes: list[httpx2.AsyncHTTPTransport] = []
-
-    def _take(self) -> httpx2.AsyncHTTPTransport:
-        if self._free:
-            return self._free.pop()
-        lane = httpx2.AsyncHTTPTransport(verify=ssl_context(), limits=self._limits, proxy=self._proxy)
-        self.lanes.append(lane)
-        return lane
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        lane = self._take()
-        try:
-            response = await lane.handle_async_request(request)
-        except BaseException:
-            self._free.append(lane)
-            raise
-        response.stream = _Release(response.stream, lambda: self._free.append(lane))
-        return response
-
-    async def aclose(self) -> None:
-        lanes, self.lanes, self._free = self.lanes, [], []
-        for lane in lanes:
-            await lane.aclose()
-
-
-@functools.cache
-def ssl_context() -> ssl.SSLContext:
-    """The process's one certificate store: loading it takes tens of milliseconds, and each event loop's client (and
-    each of :class:`_Lanes`' connections) would otherwise load its own."""
-    return httpx2.create_ssl_context()
-
-
-def _aiohttp_client(concurrency: int, timeout_s: float) -> httpx2.AsyncClient:
-    """The SDK's aiohttp-backed client, keeping ``concurrency`` connections alive; environment proxies apply as in
-    httpx's default client (it mounts them from ``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``)."""
+def _aiohttp_transport(base_url: str, concurrency: int) -> AiohttpTransport:
+    """:class:`AiohttpTransport`, or a :class:`ConfigError` that says how to install aiohttp when it is missing."""
     try:
-        import aiohttp  # noqa: F401  (the SDK's aiohttp client raises a vaguer error without it)
+        return AiohttpTransport(base_url, concurrency)
     except ImportError:
         raise ConfigError(
             "llm.http_client 'aiohttp' needs the aiohttp package, which is not installed: pip install "
             "aiohttp==3.14.5 (requirements.txt pins it), or set llm.http_client: httpx"
         ) from None
-    limits = httpx2.Limits(
-        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=KEEPALIVE_S
-    )
-    return openai.DefaultAioHttpClient(verify=ssl_context(), limits=limits, timeout=timeout_s)
 
 
-def _timed_out(exc: BaseException) -> bool:
-    """Whether an SDK timeout error really was a timeout: the SDK's aiohttp transport reports every lost connection
-    (a reset, a server that hung up) as a connect timeout; the aiohttp error it wraps tells them apart."""
-    import aiohttp
-
+def _cause(exc: BaseException) -> str:
+    """What an SDK connection error wraps (the transport's own words), else the error itself."""
     cause = exc.__cause__
-    while cause is not None:
-        if isinstance(cause, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
-            return True
-        if isinstance(cause, aiohttp.ClientConnectionError):
-            return False
-        cause = cause.__cause__
-    return True
+    return f"{type(cause).__name__}: {cause}" if cause is not None and str(cause) else str(exc)
 
 
 def _count(value: Any) -> int:
     """A token count from a reply's ``usage``; 0 for a missing or non-integer one."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _proxy_for(base_url: str) -> str | None:
-    """The proxy the environment names for ``base_url`` (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), as httpx's
-    default client would use it: a transport given to an httpx client leaves the environment's proxies out."""
-    parsed = urlparse(base_url)
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(parsed.scheme) or proxies.get("all")
-    if proxy is None or urllib.request.proxy_bypass(parsed.hostname or ""):
-        return None
-    return proxy
 
 
 class OpenAIBackend(LLM):
@@ -243,9 +143,11 @@ class OpenAIBackend(LLM):
         self._url = self.base_url + ("/chat/completions" if cfg.style == "chat" else "/completions")
         openai_server = is_openai_url(self.base_url)
         self._default_headers = None if openai_server else {name: openai.Omit() for name in _PLATFORM_HEADERS}
-        self._request_options: dict[str, Any] = (
-            {} if openai_server else {"headers": {name: openai.Omit() for name in _PER_REQUEST_HEADERS}}
+        self._request_headers: dict[str, Any] = (
+            {} if openai_server else {name: openai.Omit() for name in _PER_REQUEST_HEADERS}
         )
+        # Each request's idempotency key, unique without a uuid4 (os.urandom) per request as the SDK would draw.
+        self._idempotency_keys = map(f"retroformer-{secrets.token_hex(8)}-{{}}".format, itertools.count())
         self.model_id = cfg.model if cfg.base_url is None else f"{cfg.model}@{host}"
         self.key_env = cfg.key_env()
         if not api_key:
@@ -262,7 +164,7 @@ class OpenAIBackend(LLM):
         self.max_backoff_s = max_backoff_s
         self.max_retry_after_s = max_retry_after_s
         self._client: Any = None
-        self._transport: _Lanes | None = None
+        self._transport: Lanes | AiohttpTransport | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.usage = Usage()
@@ -286,11 +188,10 @@ class OpenAIBackend(LLM):
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None or self._semaphore is None:
             if self.cfg.http_client == "aiohttp":
-                self._transport = None
-                http_client = _aiohttp_client(self.cfg.concurrency, self.cfg.timeout_s)
+                self._transport = _aiohttp_transport(self.base_url, self.cfg.concurrency)
             else:
-                self._transport = _Lanes(self.base_url)
-                http_client = openai.DefaultAsyncHttpxClient(transport=self._transport, timeout=self.cfg.timeout_s)
+                self._transport = Lanes(self.base_url)
+            http_client = DirectClient(self._transport, self.cfg.timeout_s)
             self._client = openai.AsyncOpenAI(
                 base_url=self.base_url,
                 api_key=self.__key,
@@ -302,6 +203,17 @@ class OpenAIBackend(LLM):
             self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
             self._loop = loop
         return self._client, self._semaphore
+
+    def _options(self) -> dict[str, Any]:
+        """The SDK's per-request options, each given: the SDK deep-copies the default of every option left out, on
+        every request. The values are the client's own (no retries of the SDK's, the configured timeout)."""
+        return {
+            "headers": self._request_headers,
+            "params": {},
+            "max_retries": 0,
+            "timeout": self.cfg.timeout_s,
+            "idempotency_key": next(self._idempotency_keys),
+        }
 
     def _kwargs(self, params: SamplingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -327,17 +239,16 @@ class OpenAIBackend(LLM):
         else:
             body["prompt"] = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
         try:
-            # The body as JSON bytes: the SDK sends bytes as they are instead of serialising a mapping its own way.
-            raw = await client.post(
-                self._url, body=json.dumps(body).encode(), cast_to=bytes, options=self._request_options
+            # The body as JSON bytes (content=): the SDK sends them as they are instead of serialising a mapping its own way.
+            # cast_to=httpx2.Response: the SDK hands back the response it read, without wrapping or parsing it.
+            response = await client.post(
+                self._url, content=json.dumps(body).encode(), cast_to=httpx2.Response, options=self._options()
             )
-            data = json.loads(raw)
+            data = json.loads(response.content)
         except openai.APITimeoutError as exc:
-            if self.cfg.http_client == "aiohttp" and not _timed_out(exc):
-                raise _Retryable(f"connection error ({exc.__cause__ and exc.__cause__.__cause__ or exc})") from exc
             raise _Retryable(f"timed out after {self.cfg.timeout_s} s") from exc
         except openai.APIConnectionError as exc:
-            raise _Retryable(f"connection error ({exc})") from exc
+            raise _Retryable(f"connection error ({_cause(exc)})") from exc
         except openai.RateLimitError as exc:
             raise _Retryable("HTTP 429 rate limited", _retry_after_s(exc.response.headers)) from exc
         except openai.APIStatusError as exc:
