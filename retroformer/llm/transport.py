@@ -218,12 +218,9 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
         if reply.reason:
             extensions["reason_phrase"] = reply.reason.encode()
+        # Built from the whole body: httpx reads (and decodes) it at once, and the client's read is then a no-op.
         return httpx2.Response(
-            reply.status,
-            headers=reply.raw_headers,
-            stream=httpx2.ByteStream(content),
-            request=request,
-            extensions=extensions,
+            reply.status, headers=reply.raw_headers, content=content, request=request, extensions=extensions
         )
 
     async def aclose(self) -> None:
