@@ -59,8 +59,8 @@ class LLMConfig:
     timeout_s: float = doc("per-request timeout in seconds", 60.0)
     retry_backoff_s: float = doc("first retry delay in seconds; doubled per retry with jitter (at most 20 s)", 0.5)
     http_client: Literal["aiohttp", "httpx"] = doc(
-        "openai: the SDK's HTTP library. aiohttp: the SDK's aiohttp client (openai.DefaultAioHttpClient; with its C "
-        "HTTP parser the client spends about two thirds of httpx's CPU per call, bench/RESULTS.md section 7b); httpx: "
+        "openai: the HTTP library under the SDK (retroformer.llm.transport). aiohttp: one aiohttp session, whose C "
+        "HTTP parser spends about two thirds of httpx's client CPU per call (bench/RESULTS.md section 7b); httpx: "
         "the SDK's default library, with one keep-alive connection per request in flight",
         "aiohttp",
     )

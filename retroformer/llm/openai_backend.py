@@ -256,7 +256,8 @@ class OpenAIBackend(LLM):
             if exc.status_code >= 500 or exc.status_code == 408:
                 delay = _retry_after_s(exc.response.headers) if exc.response is not None else None
                 raise _Retryable(f"HTTP {exc.status_code} ({exc.message})", delay) from exc
-            raise LLMError(self._fatal_message(exc.status_code, exc.message)) from None
+            location = exc.response.headers.get("location") if exc.response is not None else None
+            raise LLMError(self._fatal_message(exc.status_code, exc.message, location)) from None
         except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as exc:
             raise _Retryable(f"malformed response body ({type(exc).__name__}: {exc})") from exc
         except LLMError:
@@ -297,7 +298,14 @@ class OpenAIBackend(LLM):
             )
         return text, choice.get("finish_reason") or "stop", usage
 
-    def _fatal_message(self, status: int, message: str) -> str:
+    def _fatal_message(self, status: int, message: str, location: str | None = None) -> str:
+        if 300 <= status < 400:
+            # Redirects are not followed (an API does not redirect its POSTs; following one would resend the key).
+            where = f"to {location}" if location else "elsewhere"
+            return self._scrub(
+                f"{self.style} request to {self.base_url} for model {self.cfg.model!r} was redirected {where} "
+                f"(HTTP {status}); not followed: set llm.base_url to the address the server points at"
+            )
         hint = {
             401: f"check the API key (llm.api_key_env names the variable; now {self.key_env})",
             403: f"check that the key (environment variable {self.key_env}) may use model {self.cfg.model!r}",
