@@ -150,3 +150,21 @@ def test_a_refused_connection_is_a_connect_error():
     with pytest.raises(httpx2.ConnectError) as info:
         asyncio.run(send())
     assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
+
+
+def test_a_given_transport_carries_every_request_with_the_sdks_headers():
+    seen: list[httpx2.Request] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return httpx2.Response(200, json=REPLY)
+
+    cfg = LLMConfig(backend="openai", model="fake-model", base_url="http://127.0.0.1:9/v1", max_retries=0)
+    llm = OpenAIBackend(cfg, api_key="sk-test", transport=httpx2.MockTransport(answer))
+    out = asyncio.run(_generate(llm))
+    assert out.text == "Action: open[amber]"
+    (request,) = seen
+    assert str(request.url) == "http://127.0.0.1:9/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-test"
+    assert json.loads(request.content)["messages"] == [{"role": "user", "content": "which door?"}]
+    assert not [name for name in request.headers if name.lower().startswith("x-stainless")]

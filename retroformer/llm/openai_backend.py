@@ -123,7 +123,9 @@ class OpenAIBackend(LLM):
 
     At most ``cfg.concurrency`` requests are in flight at once (the semaphore is held per attempt, not during
     backoff). ``backoff_s`` is the first retry delay, doubled per retry up to ``max_backoff_s``, with jitter in
-    [50%, 100%]; a 429's ``Retry-After`` replaces the backoff, capped at ``max_retry_after_s``.
+    [50%, 100%]; a 429's ``Retry-After`` replaces the backoff, capped at ``max_retry_after_s``. ``transport``, when
+    given, carries every request instead of the one ``llm.http_client`` names (an ``httpx2.MockTransport`` in tests,
+    an in-memory one in ``bench/client_layers.py``).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class OpenAIBackend(LLM):
         backoff_s: float = 0.5,
         max_backoff_s: float = 20.0,
         max_retry_after_s: float = 60.0,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         self.cfg = cfg
         self.style = cfg.style
@@ -164,7 +167,8 @@ class OpenAIBackend(LLM):
         self.max_backoff_s = max_backoff_s
         self.max_retry_after_s = max_retry_after_s
         self._client: Any = None
-        self._transport: Lanes | AiohttpTransport | None = None
+        self._given_transport = transport
+        self._transport: httpx2.AsyncBaseTransport | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.usage = Usage()
@@ -187,7 +191,9 @@ class OpenAIBackend(LLM):
         """The client and semaphore of the running loop, (re)created when the loop changes (e.g. a new asyncio.run)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None or self._semaphore is None:
-            if self.cfg.http_client == "aiohttp":
+            if self._given_transport is not None:
+                self._transport = self._given_transport
+            elif self.cfg.http_client == "aiohttp":
                 self._transport = _aiohttp_transport(self.base_url, self.cfg.concurrency)
             else:
                 self._transport = Lanes(self.base_url)
