@@ -5,11 +5,13 @@ The SDK takes any ``httpx2.AsyncClient`` as its ``http_client`` and calls two of
 ``send``. httpx's own implementations then merge the client's base URL, headers, cookies and query parameters into the
 request again, and pass it through auth, redirect, event-hook and cookie layers and three stream wrappers before the
 transport sees it; together with the SDK's vendored aiohttp transport (which hands httpx's ``Headers`` to aiohttp, an
-O(n^2) walk of decodes) that was about a third of the client's CPU per call at concurrency 64 (``bench/RESULTS.md``
-section 7d). :class:`DirectClient` keeps httpx's types and its transports' contract, and does only what a request
-built by the SDK needs: the URL parsed once per distinct URL, the client's default headers added, the request handed
-straight to the transport, the whole body read. Redirects are not followed (an API does not redirect a POST; a
-base URL that does is reported with where it points, see ``OpenAIBackend``).
+O(n^2) walk of decodes) that was about a quarter of the client's CPU at concurrency 64 in a sampled profile; without
+it a call costs 0.64-0.95 of the CPU it did (``bench/RESULTS.md`` section 7d).
+
+:class:`DirectClient` keeps httpx's types and its transports' contract, and does only what a request built by the
+SDK needs: the URL parsed once per distinct URL, the client's default headers added, the request handed straight to
+the transport, the whole body read. Redirects are not followed (an API does not redirect a POST; a base URL that
+does is reported with where it points, see ``OpenAIBackend``).
 
 Transports (``llm.http_client``):
 
@@ -66,6 +68,7 @@ class DirectClient(httpx2.AsyncClient):
 
     def __init__(self, transport: httpx2.AsyncBaseTransport, timeout_s: float) -> None:
         super().__init__(transport=transport, timeout=timeout_s, trust_env=False, follow_redirects=False)
+        self._direct = transport
         self._urls: dict[str, tuple[httpx2.URL, str]] = {}  # a URL's parsed form and its Host header
         self._default_headers = list(self.headers.multi_items())
 
@@ -100,7 +103,9 @@ class DirectClient(httpx2.AsyncClient):
             )  # fmt: skip
         target = self._urls.get(url)
         if target is None:
-            parsed = self._merge_url(url)
+            parsed = httpx2.URL(url)
+            if parsed.is_relative_url:  # (this client has no base URL: httpx's own path reports it)
+                return super().build_request(method, url, content=content, headers=headers, timeout=timeout)
             target = (parsed, parsed.netloc.decode("ascii"))
             if len(self._urls) < _URL_CACHE_SIZE:
                 self._urls[url] = target
@@ -116,7 +121,7 @@ class DirectClient(httpx2.AsyncClient):
             given.append(("Content-Length", str(len(content))))
         extensions = dict(extensions or {})
         if "timeout" not in extensions:
-            limit = self.timeout if isinstance(timeout, httpx2._client.UseClientDefault) else httpx2.Timeout(timeout)
+            limit = self.timeout if timeout is httpx2.USE_CLIENT_DEFAULT else httpx2.Timeout(timeout)
             extensions["timeout"] = limit.as_dict()
         request = httpx2.Request(
             method, target[0], headers=given, stream=httpx2.ByteStream(content), extensions=extensions
@@ -136,7 +141,7 @@ class DirectClient(httpx2.AsyncClient):
             return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
-        response = await self._transport.handle_async_request(request)
+        response = await self._direct.handle_async_request(request)
         response.request = request
         try:
             await response.aread()
