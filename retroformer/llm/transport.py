@@ -63,7 +63,8 @@ class DirectClient(httpx2.AsyncClient):
     """An httpx client that builds the SDK's requests as they are and hands them straight to its transport.
 
     Anything this fast path does not cover (form data, files, query parameters, cookies, a streamed response) goes
-    through httpx's own ``build_request`` / ``send``, unchanged.
+    through httpx's own ``build_request`` / ``send``, unchanged. Cookies a server sets are not collected here (an API
+    does not need them back); the aiohttp transport's session keeps its own, as aiohttp does.
     """
 
     def __init__(self, transport: httpx2.AsyncBaseTransport, timeout_s: float) -> None:
