@@ -13,7 +13,7 @@ import aiohttp
 import httpx2
 import pytest
 
-from retroformer.errors import LLMError
+from retroformer.errors import ConfigError, LLMError
 from retroformer.llm import LLMConfig
 from retroformer.llm.base import GenerationRequest
 from retroformer.llm.openai_backend import OpenAIBackend
@@ -168,3 +168,10 @@ def test_a_given_transport_carries_every_request_with_the_sdks_headers():
     assert request.headers["authorization"] == "Bearer sk-test"
     assert json.loads(request.content)["messages"] == [{"role": "user", "content": "which door?"}]
     assert not [name for name in request.headers if name.lower().startswith("x-stainless")]
+
+
+def test_without_aiohttp_the_error_says_how_to_install_it_or_use_httpx(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "aiohttp", None)  # import aiohttp now raises ImportError
+    cfg = LLMConfig(backend="openai", model="fake-model", base_url="http://127.0.0.1:9/v1", http_client="aiohttp")
+    with pytest.raises(ConfigError, match=r"pip install aiohttp==.*or set llm.http_client: httpx"):
+        asyncio.run(_generate(OpenAIBackend(cfg, api_key="sk-test")))
