@@ -171,6 +171,7 @@ class OpenAIBackend(LLM):
         self._transport: httpx2.AsyncBaseTransport | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: set[asyncio.Task] = set()  # earlier event loops' clients being closed
         self.usage = Usage()
 
     @property
@@ -191,6 +192,12 @@ class OpenAIBackend(LLM):
         """The client and semaphore of the running loop, (re)created when the loop changes (e.g. a new asyncio.run)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None or self._semaphore is None:
+            if self._client is not None:
+                # The client of an earlier event loop (a new asyncio.run): closed from this one, so that its sessions
+                # are released instead of reported as leaked ("Unclosed client session") when they are collected.
+                closing = loop.create_task(self._close_client(self._client))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             if self._given_transport is not None:
                 self._transport = self._given_transport
             elif self.cfg.http_client == "aiohttp":
@@ -364,9 +371,15 @@ class OpenAIBackend(LLM):
             )
         )
 
+    async def _close_client(self, client: Any) -> None:
+        try:
+            await client.close()
+        except RuntimeError as exc:  # connections that belong to an event loop that is closed: nothing left to send
+            logger.debug("%s: closing a client of a closed event loop: %s", self.model_id, exc)
+
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.close()
+            await self._close_client(self._client)
             self._client = None
             self._transport = None
             self._semaphore = None
