@@ -62,7 +62,6 @@ def _backend(url: str, concurrency: int, transport: httpx2.AsyncBaseTransport | 
 async def _aiohttp(url: str, calls: int, concurrency: int) -> None:
     import aiohttp
 
-    llm = _backend(url, concurrency)
     body = json.dumps(
         {"model": "fake-model", "max_tokens": 64, "temperature": 0.0, "top_p": 1.0,
          "messages": [{"role": "user", "content": PROMPT}]}
@@ -76,7 +75,7 @@ async def _aiohttp(url: str, calls: int, concurrency: int) -> None:
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
 
         async def one() -> None:
-            async with semaphore, session.post(llm._url, data=body, headers=headers) as reply:
+            async with semaphore, session.post(f"{url}/chat/completions", data=body, headers=headers) as reply:
                 data = json.loads(await reply.read())
                 assert data["choices"][0]["message"]["content"]
 

@@ -192,9 +192,10 @@ class OpenAIBackend(LLM):
         """The client and semaphore of the running loop, (re)created when the loop changes (e.g. a new asyncio.run)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None or self._semaphore is None:
-            if self._client is not None:
+            if self._client is not None and self._given_transport is None:
                 # The client of an earlier event loop (a new asyncio.run): closed from this one, so that its sessions
-                # are released instead of reported as leaked ("Unclosed client session") when they are collected.
+                # are released instead of reported as leaked ("Unclosed client session") when they are collected. (A
+                # given transport is the caller's, and the new client sends through it too.)
                 closing = loop.create_task(self._close_client(self._client))
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)

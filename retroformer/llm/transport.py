@@ -106,7 +106,9 @@ class DirectClient(httpx2.AsyncClient):
         if target is None:
             parsed = httpx2.URL(url)
             if parsed.is_relative_url:  # (this client has no base URL: httpx's own path reports it)
-                return super().build_request(method, url, content=content, headers=headers, timeout=timeout)
+                return super().build_request(
+                    method, url, content=content, headers=headers, timeout=timeout, extensions=extensions
+                )
             target = (parsed, parsed.netloc.decode("ascii"))
             if len(self._urls) < _URL_CACHE_SIZE:
                 self._urls[url] = target
