@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from retroformer.agents.actor import Actor, ReActActor, ShortPromptActor
+from retroformer.agents.actor import Actor, MemoryBlindActor, ReActActor, ShortPromptActor
 from retroformer.agents.reflector import Reflector
 from retroformer.config import check_model_path, doc, from_dict, read_yaml
 from retroformer.envs.base import EnvSuite, Task, make_suite
@@ -52,6 +52,11 @@ class ActorSection:
         "useless reflection sometimes leaves lucky",
         "first",
     )
+    read_memory: bool = doc(
+        "false: the actor never sees its reflections (they are still written and recorded); a negative control: "
+        "with it every reflector must tie, which shows that a gain goes through the reflection",
+        True,
+    )
     max_observation_chars: int = doc("observations longer than this are truncated in the actor's prompt", 1500)
     max_prompt_chars: int = doc("oldest scratchpad steps are dropped beyond this prompt length", 24000)
 
@@ -67,6 +72,20 @@ class ReflectorSection:
         default_factory=lambda: LLMConfig(max_tokens=64, style="completion"),
     )
     max_chars: int = doc("reflections are cut to this many characters (at a sentence end where possible)", 600)
+    stop: list[str] = doc(
+        "strings at which a reflection ends, besides a blank line and a new 'Task:' or 'Trajectory:' (e.g. ['\\n'] "
+        "for one-line reflections); ppo_run.py's `stop` should match",
+        default_factory=list,
+    )
+    examples: bool = doc(
+        "put the environment's example reflection in the reflection prompt (few-shot); false: zero-shot, the "
+        "instructions, the task and the failed attempt only",
+        True,
+    )
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"reflector.stop must be a list of non-empty strings, got {self.stop!r}; e.g. ['\\n']")
 
 
 class RunSpec(Protocol):
@@ -154,6 +173,11 @@ def _meter(llm, role: str, ledger):
 
 def build_actor(cfg: RunSpec, suite: EnvSuite, api_key: str | None = None, meter=None) -> Actor:
     """The configured actor; with ``meter`` (a ledger with ``add`` and ``check``) its calls are counted and budgeted."""
+    actor = _build_actor(cfg, suite, api_key, meter)
+    return actor if cfg.actor.read_memory else MemoryBlindActor(actor)
+
+
+def _build_actor(cfg: RunSpec, suite: EnvSuite, api_key: str | None, meter) -> Actor:
     if cfg.actor.kind == "plan":
         return PlanFollowingActor(retry=cfg.actor.retry, seed=cfg.seed)
     if cfg.actor.kind == "short" and suite.short_prompts is None:
@@ -179,4 +203,9 @@ def build_reflector(cfg: RunSpec, api_key: str | None = None, meter=None) -> Ref
     if cfg.reflector.kind == "none":
         return None
     llm = _meter(_wrap_cache(build_llm(cfg.reflector.llm, api_key=api_key), cfg), "reflector", meter)
-    return Reflector(llm, cfg.reflector.llm.sampling(), max_chars=cfg.reflector.max_chars)
+    return Reflector(
+        llm,
+        cfg.reflector.llm.sampling(stop=tuple(cfg.reflector.stop)),
+        max_chars=cfg.reflector.max_chars,
+        examples=cfg.reflector.examples,
+    )

@@ -288,3 +288,64 @@ def test_resume_continues_exactly_where_it_stopped(tiny, tmp_path):
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         if "lora_" in name:
             assert torch.allclose(a, b, atol=1e-6), name
+
+
+def _lora_policy(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    cfg = make_cfg(tiny, tmp_path, temperature=0.7, lora=LoraSettings(r=4, alpha=8))
+    torch.manual_seed(0)
+    model, _ = ppo.build_policy(cfg)
+    ppo.disable_dropout(model)  # as in the update: LoRA dropout would make every pass differ
+    with torch.no_grad():  # a LoRA update so that the adapter is not the identity
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["lm"])
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return cfg, model, tokenizer
+
+
+def test_grouped_logprobs_and_gradients_equal_row_by_row(tiny, tmp_path):
+    # the samples of a prompt share its forward pass; log-probabilities and LoRA gradients must not change
+    cfg, model, tokenizer = _lora_policy(tiny, tmp_path)
+    group = 3
+    prompts = ["Result: failed\nReflection:", "the way out is the jade door. Result: failed\nReflection:"]
+    enc = tokenizer([p for p in prompts for _ in range(group)], return_tensors="pt", padding=True)
+    torch.manual_seed(1)
+    responses = torch.randint(3, 40, (len(prompts) * group, 5))
+    ids = torch.cat([enc["input_ids"], responses], 1)
+    attention = torch.cat([enc["attention_mask"], torch.ones_like(responses)], 1)
+    grads = []
+    for size in (1, group):
+        model.zero_grad()
+        logprobs, entropy = ppo.token_logprobs(model, ids, attention, 5, 0.7, with_entropy=True, group_size=size)
+        (logprobs.sum() + entropy.sum()).backward()
+        grads.append(([p.grad.clone() for p in model.parameters() if p.requires_grad], logprobs.detach()))
+    (g1, lp1), (g3, lp3) = grads
+    assert torch.allclose(lp1, lp3, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g3, strict=True))
+    assert any(a.abs().sum() > 0 for a in g1)
+    with pytest.raises(ValueError, match="groups of 4"):
+        ppo.token_logprobs(model, ids, attention, 5, 0.7, group_size=4)
+
+
+def test_sampling_with_a_shared_prompt_cache_writes_what_sampling_each_prompt_writes(tiny, tmp_path):
+    cfg, model, tokenizer = _lora_policy(tiny, tmp_path)
+    model.eval()
+    prompts = [p for p in ("Result: failed\nReflection:", "the jade door.\nReflection:") for _ in range(2)]
+    outs = []
+    for size in (1, 2):
+        torch.manual_seed(3)  # the same draws: greedy-like agreement is checked on the whole sequences
+        outs.append(ppo.sample_reflections(model, tokenizer, prompts, cfg, group_size=size))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][3] == outs[1][3]
+
+
+def test_minibatch_order_keeps_groups_together():
+    order = ppo.minibatch_order(12, 4)
+    assert sorted(order.tolist()) == list(range(12))
+    for start in range(0, 12, 4):
+        chunk = order[start : start + 4].tolist()
+        assert chunk == list(range(chunk[0], chunk[0] + 4)) and chunk[0] % 4 == 0

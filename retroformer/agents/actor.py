@@ -6,6 +6,7 @@ reflections of earlier attempts go into the actor's prompt, nothing else about t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,6 +40,23 @@ class Actor(Protocol):
 
     async def act(self, ctx: ActContext) -> tuple[str, str | None, Usage]:
         """Return ``(thought, action, usage)``; ``action`` is None when the output could not be parsed."""
+
+
+class MemoryBlindActor:
+    """An actor that never sees its memory: ``inner`` acts on every step with no reflections.
+
+    The negative control of a reflector comparison: the reflections are still written and recorded, but they cannot
+    change what the actor does, so every reflector must then score the same.
+    """
+
+    def __init__(self, inner: Actor) -> None:
+        self.inner = inner
+        self.actor_id = f"{inner.actor_id}+memory-blind"
+        self.prompt_hash = f"{inner.prompt_hash}+memory-blind"
+
+    async def act(self, ctx: ActContext) -> tuple[str, str | None, Usage]:
+        # the same steps list: the episode appends to it, and the inner actor reads it
+        return await self.inner.act(dataclasses.replace(ctx, memory=[]))
 
 
 def format_memory(memory: list[str]) -> str:

@@ -18,6 +18,10 @@ TEMPLATE = (
     "{instructions}\n\n{examples}\n\n{earlier}Task: {description}\nTrajectory:\n{trajectory}"
     "Result: {result}\nReflection:"
 )
+#: The same prompt without the environment's example reflection (zero-shot).
+ZERO_SHOT_TEMPLATE = (
+    "{instructions}\n\n{earlier}Task: {description}\nTrajectory:\n{trajectory}Result: {result}\nReflection:"
+)
 
 
 def build_reflection_prompt(
@@ -28,8 +32,10 @@ def build_reflection_prompt(
     earlier: list[str],
     max_observation_chars: int = 600,
     max_prompt_chars: int = 12000,
+    examples: bool = True,
 ) -> str:
-    """``x[k,i]``: the reflection prompt for one failed episode."""
+    """``x[k,i]``: the reflection prompt for one failed episode; ``examples=False`` leaves out the environment's
+    example reflection (a zero-shot prompt)."""
     earlier_block = ""
     if earlier:
         earlier_block = "Earlier reflections:\n" + "\n".join(f"- {r}" for r in earlier) + "\n"
@@ -38,7 +44,7 @@ def build_reflection_prompt(
 
     def render(trajectory_steps: list[Step], omitted: bool) -> str:
         trajectory = ("[earlier steps omitted]\n" if omitted else "") + format_steps(trajectory_steps)
-        return TEMPLATE.format(
+        return (TEMPLATE if examples else ZERO_SHOT_TEMPLATE).format(
             instructions=prompts.reflection_instructions,
             examples=prompts.reflection_examples.strip(),
             earlier=earlier_block,
@@ -76,8 +82,9 @@ def clean_reflection(text: str, max_chars: int) -> str:
 class Reflector:
     """Writes reflections with any :class:`LLM` (in-process HF + LoRA, or over HTTP)."""
 
-    def __init__(self, llm: LLM, params: SamplingParams, max_chars: int = 600) -> None:
+    def __init__(self, llm: LLM, params: SamplingParams, max_chars: int = 600, examples: bool = True) -> None:
         self.llm = llm
+        self.examples = examples
         self.params = SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -89,12 +96,14 @@ class Reflector:
         self.reflector_id = llm.model_id
 
     def prompt_hash(self, prompts: EnvPrompts) -> str:
+        if not self.examples:
+            return text_hash(ZERO_SHOT_TEMPLATE + prompts.reflection_instructions)
         return text_hash(TEMPLATE + prompts.reflection_instructions + prompts.reflection_examples)
 
     async def reflect(
         self, prompts: EnvPrompts, description: str, steps: list[Step], outcome: Outcome, earlier: list[str]
     ) -> Reflection:
-        prompt = build_reflection_prompt(prompts, description, steps, outcome, earlier)
+        prompt = build_reflection_prompt(prompts, description, steps, outcome, earlier, examples=self.examples)
         completion = await self.llm.generate(GenerationRequest(prompt, self.params))
         return Reflection(
             prompt=prompt,

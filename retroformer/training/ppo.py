@@ -113,7 +113,12 @@ class PPORunConfig:
     entropy_coef: float = doc("weight of the token-entropy bonus (0: none)", 0.0)
     max_grad_norm: float = doc("gradient-norm clip", 1.0)
     # --- generation
-    max_new_tokens: int = doc("longest reflection in tokens; generation also stops at eos or a blank line", 64)
+    max_new_tokens: int = doc("longest reflection in tokens; generation also stops at eos or a stop string", 64)
+    stop: list[str] = doc(
+        "a sampled reflection ends at the first of these strings; use what the trial loop's reflector stops at "
+        "(it always stops at a blank line), so that PPO trains on the reflections rollouts write",
+        default_factory=lambda: [STOP_STRING],
+    )
     temperature: float = doc("sampling temperature of the reflections (and of their log-probabilities)", 1.0)
     max_prompt_length: int = doc("prompts longer than this many tokens are cut on the left (the clue is at the end)",
                                  1024)  # fmt: skip
@@ -154,6 +159,8 @@ class PPORunConfig:
                      "max_new_tokens", "max_prompt_length", "save_steps", "logging_steps"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if not self.stop or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop={self.stop!r} must be a list of non-empty strings, e.g. ['\\n\\n']")
         if self.num_samples_per_prompt < 2:
             raise ConfigError(
                 f"num_samples_per_prompt={self.num_samples_per_prompt} must be >= 2: the baseline is the mean reward "
@@ -217,6 +224,15 @@ def sequence_kl(logprobs, ref_logprobs, mask):
     return ((logprobs - ref_logprobs) * mask).sum(dim=1)
 
 
+def minibatch_order(rollout_size: int, group_size: int, device=None):
+    """A random order of the rollout's rows in which each group of ``group_size`` consecutive rows stays together
+    (``group_size`` 1: any order)."""
+    import torch
+
+    groups = torch.randperm(rollout_size // group_size, device=device)
+    return (groups.unsqueeze(1) * group_size + torch.arange(group_size, device=device)).reshape(-1)
+
+
 def clipped_surrogate_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
     """PPO's clipped objective as a loss, averaged over response tokens; also returns clip fraction and approx KL.
 
@@ -245,18 +261,20 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def stop_string_ends(tokenizer, responses, stop: str) -> list[int]:
-    """Per response, the number of tokens up to and including the one that completes ``stop`` (its length if none).
+def stop_string_ends(tokenizer, responses, stop: str | Sequence[str]) -> list[int]:
+    """Per response, the number of tokens up to and including the one that completes a stop string (its length if
+    none); ``stop`` is one string or several.
 
     Generation stopped by a stop string pads the rest of the sequence, and when the pad token is the eos token that
     padding cannot be told from a sampled eos by the tokens alone: this end can.
     """
+    stops = [stop] if isinstance(stop, str) else list(stop)
     ends = []
     for row in responses.tolist():
         end = len(row)
-        if stop in tokenizer.decode(row, skip_special_tokens=False):
+        if any(s in tokenizer.decode(row, skip_special_tokens=False) for s in stops):
             for k in range(1, len(row) + 1):
-                if stop in tokenizer.decode(row[:k], skip_special_tokens=False):
+                if any(s in tokenizer.decode(row[:k], skip_special_tokens=False) for s in stops):
                     end = k
                     break
         ends.append(end)
@@ -288,22 +306,55 @@ def response_mask(responses, eos_token_id: int | None, pad_token_id: int | None,
     return (positions < end.unsqueeze(1)).long()
 
 
-def token_logprobs(model, input_ids, attention_mask, response_length: int, temperature: float, with_entropy=False):
+def token_logprobs(
+    model, input_ids, attention_mask, response_length: int, temperature: float, with_entropy=False, group_size: int = 1
+):
     """Log-probabilities (and optionally entropies) of the last ``response_length`` tokens of ``input_ids``.
 
     Position ids follow the attention mask, as in generation, so that left-padded prompts see the same positions.
+    With ``group_size`` G > 1 the rows come in groups of G that share one prompt (the samples of a prompt, left-padded
+    alike): each prompt is run once and its keys and values are repeated for its G responses, which gives the same
+    log-probabilities and gradients as running every row whole, at a fraction of the cost when prompts are much
+    longer than reflections.
     """
     import torch
 
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits = logits[:, -response_length - 1 : -1].float() / temperature
+    logits = _response_logits(model, input_ids, attention_mask, response_length, group_size).float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, input_ids[:, -response_length:].unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logprobs, None
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
+
+
+def _response_logits(model, input_ids, attention_mask, response_length: int, group_size: int):
+    """The logits that predict the last ``response_length`` tokens (see :func:`token_logprobs`)."""
+    import torch
+
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    if group_size == 1:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits[:, -response_length - 1 : -1]
+    if input_ids.shape[0] % group_size:
+        raise ValueError(f"{input_ids.shape[0]} rows do not split into groups of {group_size}")
+    prompt_length = input_ids.shape[1] - response_length
+    prompt = model(
+        input_ids=input_ids[::group_size, :prompt_length],
+        attention_mask=attention_mask[::group_size, :prompt_length],
+        position_ids=position_ids[::group_size, :prompt_length],
+        use_cache=True,
+    )
+    cache = prompt.cache
+    cache.batch_repeat_interleave(group_size)  # each prompt's keys and values, once per sample
+    responses = model(
+        input_ids=input_ids[:, prompt_length:],
+        attention_mask=attention_mask,
+        position_ids=position_ids[:, prompt_length:],
+        cache=cache,
+    )
+    first = prompt.logits[:, -1:].repeat_interleave(group_size, dim=0)  # predicts each response's first token
+    return torch.cat([first, responses.logits[:, :-1]], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -344,13 +395,21 @@ def reference_model(model):
             yield
 
 
-def cut_reflection(text: str) -> str:
-    """A generated reflection ends at its first blank line."""
-    return text.split(STOP_STRING, 1)[0].strip()
+def cut_reflection(text: str, stop: Sequence[str] = (STOP_STRING,)) -> str:
+    """A generated reflection ends at its first stop string (a blank line by default)."""
+    for s in stop:
+        text = text.split(s, 1)[0]
+    return text.strip()
 
 
-def sample_reflections(model, tokenizer, prompts: list[str], cfg: PPORunConfig, logits_processor=None):
-    """Sample one reflection per prompt; returns (input_ids, attention_mask, response mask, texts)."""
+def sample_reflections(
+    model, tokenizer, prompts: list[str], cfg: PPORunConfig, logits_processor=None, group_size: int = 1
+):
+    """Sample one reflection per prompt; returns (input_ids, attention_mask, response mask, texts).
+
+    With ``group_size`` G > 1 the prompts come in runs of G equal ones (the samples of a prompt): each is read once
+    and its keys and values repeated for its G samples, instead of reading it G times.
+    """
     import torch
     from transformers import LogitsProcessorList
 
@@ -361,14 +420,18 @@ def sample_reflections(model, tokenizer, prompts: list[str], cfg: PPORunConfig, 
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         suppress = [tokenizer.pad_token_id]  # trailing pads must mean "finished" (see response_mask)
     with torch.no_grad():
+        prefix = {}
+        if group_size > 1 and enc["input_ids"].shape[1] > 1:
+            prefix["cache"] = prompt_cache(model, enc["input_ids"], enc["attention_mask"], group_size)
         out = model.generate(
             **enc,
+            **prefix,
             do_sample=True,
             temperature=cfg.temperature,
             top_k=0,
             top_p=1.0,
             max_new_tokens=cfg.max_new_tokens,
-            stop_strings=[STOP_STRING],
+            stop_strings=list(cfg.stop),
             tokenizer=tokenizer,
             suppress_tokens=suppress,
             logits_processor=LogitsProcessorList(logits_processor or []),
@@ -380,14 +443,26 @@ def sample_reflections(model, tokenizer, prompts: list[str], cfg: PPORunConfig, 
     if responses.shape[1] == 0:  # nothing generated at all: keep one padded position so shapes stay valid
         responses = torch.full((out.shape[0], 1), tokenizer.pad_token_id, device=device, dtype=out.dtype)
         out = torch.cat([out, responses], dim=1)
-    ends = stop_string_ends(tokenizer, responses, STOP_STRING)
+    ends = stop_string_ends(tokenizer, responses, cfg.stop)
     mask = response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id, ends)
     attention_mask = torch.cat([enc["attention_mask"], torch.ones_like(responses)], dim=1)
     texts = [
-        cut_reflection(tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True))
+        cut_reflection(tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True), cfg.stop)
         for r, m in zip(responses, mask, strict=True)
     ]
     return out, attention_mask, mask, texts
+
+
+def prompt_cache(model, input_ids, attention_mask, group_size: int):
+    """Keys and values of every prompt but its last token, computed once per group of ``group_size`` equal prompts
+    and repeated for each of them: ``generate`` then reads only the last token of each prompt itself."""
+    if input_ids.shape[0] % group_size:
+        raise ValueError(f"{input_ids.shape[0]} prompts do not split into groups of {group_size}")
+    ids, mask = input_ids[::group_size, :-1], attention_mask[::group_size, :-1]
+    cache = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+    cache = cache.cache
+    cache.batch_repeat_interleave(group_size)
+    return cache
 
 
 def collect_rollout(
@@ -406,12 +481,16 @@ def collect_rollout(
     prompts_rep = [p for p in prompts for _ in range(group)]
     rows_rep = [r for r in rows for _ in range(group)]
     model.eval()  # no LoRA dropout while sampling and scoring the old policy
-    input_ids, attention_mask, mask, texts = sample_reflections(model, tokenizer, prompts_rep, cfg, logits_processor)
+    input_ids, attention_mask, mask, texts = sample_reflections(
+        model, tokenizer, prompts_rep, cfg, logits_processor, group_size=group
+    )
     length = mask.shape[1]
     with torch.no_grad():
-        logprobs, _ = token_logprobs(model, input_ids, attention_mask, length, cfg.temperature)
+        logprobs, _ = token_logprobs(model, input_ids, attention_mask, length, cfg.temperature, group_size=group)
         with reference_model(model):
-            ref_logprobs, _ = token_logprobs(model, input_ids, attention_mask, length, cfg.temperature)
+            ref_logprobs, _ = token_logprobs(
+                model, input_ids, attention_mask, length, cfg.temperature, group_size=group
+            )
     rewards = torch.tensor(reward_fn(prompts_rep, texts, rows_rep), dtype=torch.float32, device=logprobs.device)
     if rewards.shape != (len(texts),):
         raise DataError(f"the reward source returned {tuple(rewards.shape)} rewards for {len(texts)} reflections")
@@ -541,6 +620,8 @@ def train_ppo(
 
     order: list[int] = []
     rollout_size = cfg.batch_size * cfg.num_samples_per_prompt
+    # minibatches of whole groups share each prompt's forward pass (see token_logprobs)
+    group = cfg.num_samples_per_prompt if cfg.minibatch_size % cfg.num_samples_per_prompt == 0 else 1
     started = time.perf_counter()
     with StopOnSigterm() as sigterm:
         for iteration in range(start + 1, cfg.num_iterations + 1):
@@ -561,13 +642,13 @@ def train_ppo(
             stats: dict[str, list[float]] = {"loss": [], "pg_loss": [], "entropy": [], "clipfrac": [], "approx_kl": []}
             grad_norms: list[float] = []
             for _epoch in range(cfg.ppo_epochs):
-                perm = torch.randperm(rollout_size, device=batch.input_ids.device)
+                perm = minibatch_order(rollout_size, group, batch.input_ids.device)
                 for mb_start in range(0, rollout_size, cfg.minibatch_size):
                     mb = perm[mb_start : mb_start + cfg.minibatch_size]
                     with accelerator.accumulate(model):
                         new_logprobs, entropy = token_logprobs(
                             model, batch.input_ids[mb], batch.attention_mask[mb], batch.response_length, cfg.temperature,
-                            with_entropy=cfg.entropy_coef > 0,
+                            with_entropy=cfg.entropy_coef > 0, group_size=group,
                         )  # fmt: skip
                         pg_loss, clipfrac, approx_kl = clipped_surrogate_loss(
                             new_logprobs, batch.logprobs[mb], batch.advantages[mb], batch.mask[mb], cfg.clip_range
