@@ -90,13 +90,25 @@ def write_bad(tmp_path: Path, name: str, text: str | bytes) -> Path:
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("no_rating.tsv", "prompt\tresponse\nx\ty\n", r"missing column\(s\) \['rating'\]; the file has \['prompt', 'res"),
+        (
+            "no_rating.tsv",
+            "prompt\tresponse\nx\ty\n",
+            r"missing column\(s\) \['rating'\]; the file has \['prompt', 'res",
+        ),
         ("no_prompt.csv", "q,response,rating\nx,y,1\n", r"missing column\(s\) \['prompt or query'\]"),
-        ("word.tsv", "prompt\tresponse\trating\nx\ty\t1\nx\tz\tgood\n", r"line 3: rating 'good' in column 'rating' is "
-         r"not a finite number"),
+        (
+            "word.tsv",
+            "prompt\tresponse\trating\nx\ty\t1\nx\tz\tgood\n",
+            r"line 3: rating 'good' in column 'rating' is "
+            r"not a finite number",
+        ),
         ("nan.jsonl", '{"prompt": "x", "response": "y", "rating": "nan"}\n', r"line 1: rating 'nan' .* not a finite"),
-        ("latin1.tsv", "prompt\tresponse\trating\ncaf\xe9\ty\t1\n".encode("latin-1"), r"not utf-8 text .* "
-         r"--encoding latin-1"),
+        (
+            "latin1.tsv",
+            "prompt\tresponse\trating\ncaf\xe9\ty\t1\n".encode("latin-1"),
+            r"not utf-8 text .* "
+            r"--encoding latin-1",
+        ),
         ("broken.jsonl", '{"prompt": "x"\n', r"line 1 is not JSON"),
         ("table.xlsx", "x", r"cannot tell the format from the file name"),
         ("header_only.csv", "prompt,response,rating\n", r"no rows"),
@@ -114,7 +126,9 @@ def test_import_ratings_bad_files_fail_with_one_line(tmp_path, capsys, name, con
 
 
 def test_import_ratings_reads_another_encoding_when_told(tmp_path):
-    path = write_bad(tmp_path, "latin1.tsv", "prompt\tresponse\trating\ncaf\xe9?\tNext time ask.\t1\n".encode("latin-1"))
+    path = write_bad(
+        tmp_path, "latin1.tsv", "prompt\tresponse\trating\ncaf\xe9?\tNext time ask.\t1\n".encode("latin-1")
+    )
     import_ratings(path, tmp_path / "out", encoding="latin-1")
     assert load(tmp_path / "out")[0]["prompt"] == "caf\xe9?"
 

@@ -103,19 +103,19 @@ def env_counts(env_names: Sequence[str]) -> dict[str, int]:
 
 
 def count_metrics(prefix: str, name: str, env_names: Sequence[str]) -> dict[str, int]:
-    """``{"<prefix>/<env>/<name>": count}`` for each environment among ``env_names``."""
-    return {f"{prefix}/{env}/{name}": n for env, n in env_counts(env_names).items()}
+    """``{"<prefix>/<env>/<name>": count}`` for each named environment among ``env_names`` (empty names: none)."""
+    return {f"{prefix}/{env}/{name}": n for env, n in env_counts(env_names).items() if env}
 
 
 def env_mean_metrics(
     prefix: str, name: str, values: Sequence[float], rows: Sequence[dict[str, Any]]
 ) -> dict[str, float]:
-    """``{"<prefix>/<env>/<name>": mean of values}`` over the rows of each environment (rows without ``env_name``:
+    """``{"<prefix>/<env>/<name>": mean of values}`` over the rows of each environment (rows without an ``env_name``:
     nothing)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for value, row in zip(values, rows, strict=True):
         env = row.get(ENV_COLUMN)
-        if env is not None:
+        if env:
             groups[env].append(float(value))
     return {f"{prefix}/{env}/{name}": sum(v) / len(v) for env, v in sorted(groups.items())}
 
@@ -155,7 +155,7 @@ class EnvRewardRecorder:
         rewards = self._score(prompts, reflections, rows)
         for reward, row in zip(rewards, rows, strict=True):
             env = row.get(ENV_COLUMN)
-            if env is not None:
+            if env:
                 self._total[env].append(float(reward))
                 self._recent[env].append(float(reward))
         return rewards

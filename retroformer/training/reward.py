@@ -292,7 +292,7 @@ def evaluate_scores(
 
 def evaluate_per_env(rows: list[RatedRow], scores: list[float], max_pairs_per_prompt: int, seed: int) -> dict[str, Any]:
     """:func:`evaluate_scores` on each environment's held-out rows (``reward/<env>/eval_...``), when there are several."""
-    envs = sorted({r.env_name for r in rows if r.env_name is not None})
+    envs = sorted({r.env_name for r in rows if r.env_name})
     out: dict[str, Any] = {}
     for env in envs if len(envs) > 1 else []:
         picked = [(r, s) for r, s in zip(rows, scores, strict=True) if r.env_name == env]
