@@ -39,6 +39,7 @@ from typing import Any, Literal
 from retroformer.config import check_model_path, doc, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
 from retroformer.tracking import trainer_callback
+from retroformer.training import mixing
 from retroformer.training.common import (
     LoraSettings,
     TrainerSettings,
@@ -51,16 +52,6 @@ from retroformer.training.common import (
     train_until_sigterm,
     trainer_kwargs,
     write_metrics,
-)
-from retroformer.training.mixing import (
-    BALANCE_ENVS_HELP,
-    ENV_COLUMN,
-    ENV_WEIGHTS_HELP,
-    check_env_mixing,
-    count_metrics,
-    has_env_column,
-    mix_indices,
-    mixing_enabled,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,8 +91,8 @@ class RewardStageConfig(TrainerSettings):
     )
     merge_lora: bool = doc("save the LoRA adapter merged into the base, so output_dir is a plain model", True)
     eval_batch_size: int = doc("batch size for scoring the held-out rows", 16)
-    env_weights: dict[str, float] = doc(ENV_WEIGHTS_HELP + " (training pairs or rows)", default_factory=dict)
-    balance_envs: bool = doc(BALANCE_ENVS_HELP + " (training pairs or rows)", False)
+    env_weights: dict[str, float] = doc(mixing.ENV_WEIGHTS_HELP + " (training pairs or rows)", default_factory=dict)
+    balance_envs: bool = doc(mixing.BALANCE_ENVS_HELP + " (training pairs or rows)", False)
     lora: LoraSettings = doc("LoRA adapter of the reward model", default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
@@ -122,7 +113,7 @@ class RewardStageConfig(TrainerSettings):
             raise ConfigError(f"max_length={self.max_length} is too short for a prompt and a reflection; use >= 8")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
-        check_env_mixing(self.env_weights, self.balance_envs)
+        mixing.check_env_mixing(self.env_weights, self.balance_envs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -163,7 +154,7 @@ class RatedRow:
 
 
 def rows_from_dataset(dataset) -> list[RatedRow]:
-    envs = dataset[ENV_COLUMN] if ENV_COLUMN in dataset.column_names else [None] * len(dataset)
+    envs = dataset[mixing.ENV_COLUMN] if mixing.ENV_COLUMN in dataset.column_names else [None] * len(dataset)
     return [
         RatedRow(p, r, float(s), str(t or ""), e)
         for p, r, s, t, e in zip(
@@ -425,22 +416,24 @@ def mix_reward_data(data: RewardData, cfg: RewardStageConfig) -> None:
     envs = [(item[0] if data.mode == "pairwise" else item).env_name for item in items]
     if any(env is None for env in envs):
         return
-    if mixing_enabled(cfg.env_weights, cfg.balance_envs):
-        items = [items[i] for i in mix_indices(envs, cfg.env_weights, cfg.balance_envs, cfg.seed)]
+    if mixing.mixing_enabled(cfg.env_weights, cfg.balance_envs):
+        items = [items[i] for i in mixing.mix_indices(envs, cfg.env_weights, cfg.balance_envs, cfg.seed)]
         envs = [(item[0] if data.mode == "pairwise" else item).env_name for item in items]
     if data.mode == "pairwise":
         data.pairs = items
     else:
         data.train = items
-    data.env_info = count_metrics("reward", "num_train_pairs" if data.mode == "pairwise" else "num_train_rows", envs)
+    data.env_info = mixing.count_metrics(
+        "reward", "num_train_pairs" if data.mode == "pairwise" else "num_train_rows", envs
+    )
 
 
 def prepare_reward_data(cfg: RewardStageConfig) -> RewardData:
     """Every check that needs no model weights: paths, columns, split, pairs, mode, environment mixture, num_labels."""
     check_model_path(cfg.model, "model")
-    with_env = has_env_column(cfg.dataset) or mixing_enabled(cfg.env_weights, cfg.balance_envs)
+    with_env = mixing.has_env_column(cfg.dataset) or mixing.mixing_enabled(cfg.env_weights, cfg.balance_envs)
     rows = rows_from_dataset(
-        load_rated_dataset(cfg.dataset, (*REWARD_COLUMNS, ENV_COLUMN) if with_env else REWARD_COLUMNS)
+        load_rated_dataset(cfg.dataset, (*REWARD_COLUMNS, mixing.ENV_COLUMN) if with_env else REWARD_COLUMNS)
     )
     train, held_out = split_by_task(rows, cfg.eval_fraction, cfg.seed)
     pairs = build_pairs(train, cfg.max_pairs_per_prompt, cfg.seed)

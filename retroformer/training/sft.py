@@ -24,6 +24,7 @@ from typing import Any
 from retroformer.config import check_model_path, doc, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
 from retroformer.tracking import trainer_callback
+from retroformer.training import mixing
 from retroformer.training.common import (
     LoraSettings,
     TrainerSettings,
@@ -36,16 +37,6 @@ from retroformer.training.common import (
     train_until_sigterm,
     trainer_kwargs,
     write_metrics,
-)
-from retroformer.training.mixing import (
-    BALANCE_ENVS_HELP,
-    ENV_COLUMN,
-    ENV_WEIGHTS_HELP,
-    check_env_mixing,
-    count_metrics,
-    has_env_column,
-    mix_indices,
-    mixing_enabled,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,8 +63,8 @@ class SFTStageConfig(TrainerSettings):
         0.0,
     )
     dedup: bool = doc("drop repeated (prompt, reflection) rows before training", True)
-    env_weights: dict[str, float] = doc(ENV_WEIGHTS_HELP + " (after the rating threshold)", default_factory=dict)
-    balance_envs: bool = doc(BALANCE_ENVS_HELP + " (after the rating threshold)", False)
+    env_weights: dict[str, float] = doc(mixing.ENV_WEIGHTS_HELP + " (after the rating threshold)", default_factory=dict)
+    balance_envs: bool = doc(mixing.BALANCE_ENVS_HELP + " (after the rating threshold)", False)
     max_length: int = doc(
         "longest training sequence in tokens; longer prompts lose their start (left truncation)", 1024
     )
@@ -90,7 +81,7 @@ class SFTStageConfig(TrainerSettings):
             raise ConfigError("output_dir is empty; pass a directory, e.g. runs/demo/sft")
         if self.max_length < 16:
             raise ConfigError(f"max_length={self.max_length} is too short for a prompt and a reflection; use >= 16")
-        check_env_mixing(self.env_weights, self.balance_envs)
+        mixing.check_env_mixing(self.env_weights, self.balance_envs)
 
 
 def format_completion(reflection: str) -> str:
@@ -107,7 +98,7 @@ def select_sft_examples(dataset, min_rating: float, dedup: bool):
     from datasets import Dataset
 
     ratings = dataset["rating"]
-    envs = dataset[ENV_COLUMN] if ENV_COLUMN in dataset.column_names else None
+    envs = dataset[mixing.ENV_COLUMN] if mixing.ENV_COLUMN in dataset.column_names else None
     prompts, completions, kept_envs, seen = [], [], [], set()
     for i, (prompt, reflection, rating) in enumerate(
         zip(dataset["prompt"], dataset["reflection"], ratings, strict=True)
@@ -132,19 +123,21 @@ def select_sft_examples(dataset, min_rating: float, dedup: bool):
     )
     columns = {"prompt": prompts, "completion": completions}
     if envs is not None:
-        columns[ENV_COLUMN] = kept_envs
+        columns[mixing.ENV_COLUMN] = kept_envs
     return Dataset.from_dict(columns)
 
 
 def mix_sft_examples(examples, cfg: SFTStageConfig):
     """``examples`` resampled to the environment shares of ``cfg`` (:func:`retroformer.training.mixing.mix_indices`)
     and the per-environment counts ``sft/<env>/num_examples`` (and ``sft/<env>/num_selected`` before mixing)."""
-    if ENV_COLUMN not in examples.column_names:
+    if mixing.ENV_COLUMN not in examples.column_names:
         return examples, {}
-    info = count_metrics("sft", "num_selected", examples[ENV_COLUMN])
-    if mixing_enabled(cfg.env_weights, cfg.balance_envs):
-        examples = examples.select(mix_indices(examples[ENV_COLUMN], cfg.env_weights, cfg.balance_envs, cfg.seed))
-    info.update(count_metrics("sft", "num_examples", examples[ENV_COLUMN]))
+    info = mixing.count_metrics("sft", "num_selected", examples[mixing.ENV_COLUMN])
+    if mixing.mixing_enabled(cfg.env_weights, cfg.balance_envs):
+        examples = examples.select(
+            mixing.mix_indices(examples[mixing.ENV_COLUMN], cfg.env_weights, cfg.balance_envs, cfg.seed)
+        )
+    info.update(mixing.count_metrics("sft", "num_examples", examples[mixing.ENV_COLUMN]))
     logger.info("SFT examples per environment: %s", info)
     return examples, info
 
@@ -205,8 +198,8 @@ def check_inputs(cfg: SFTStageConfig):
     """Every check that needs no model: model path, dataset paths and columns, rows left after the threshold, the
     environment mixture. Returns ``(examples, number of rated rows, per-environment counts)``."""
     check_model_path(cfg.model, "model")
-    with_env = has_env_column(cfg.dataset) or mixing_enabled(cfg.env_weights, cfg.balance_envs)
-    rated = load_rated_dataset(cfg.dataset, (*SFT_COLUMNS, ENV_COLUMN) if with_env else SFT_COLUMNS)
+    with_env = mixing.has_env_column(cfg.dataset) or mixing.mixing_enabled(cfg.env_weights, cfg.balance_envs)
+    rated = load_rated_dataset(cfg.dataset, (*SFT_COLUMNS, mixing.ENV_COLUMN) if with_env else SFT_COLUMNS)
     examples, info = mix_sft_examples(select_sft_examples(rated, cfg.min_rating, cfg.dedup), cfg)
     return examples, len(rated), info
 
