@@ -23,6 +23,9 @@ Where this departs from the paper (section 4.2; its code used TRL's old ``PPOTra
   return difference itself, the quantity the reward model was trained to predict.
 * **TRL's GRPO and RLOO** are available as alternatives to our PPO loop (``algorithm: grpo`` / ``rloo``), with the
   same reward sources.
+* **Several environments, one reflector.** ``env_run_dirs`` lists the trials runs of several environments; each
+  prompt's reflections are scored by the run that wrote its row. ``env_weights`` / ``balance_envs`` set each
+  environment's share of the prompts; ``ppo/<env>/reward_mean`` and ``eval/<env>/success`` are logged per environment.
 * Prompts come from the rated-reflection dataset (unique ``prompt`` values, optionally only those whose logged
   reflection did not lead to success), cut on the left to ``max_prompt_length`` tokens.
 """
@@ -46,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     cfg, sources = load_stage_config(PPORunConfig, argv, prog="ppo_run.py", stage="ppo")
     api_key = actor_api_key(cfg.env_run_dir) if cfg.reward_source == "env" else None
-    return run(cfg, api_key=api_key, sources=sources)
+    # Several runs (one reflector, several environments): each run's actor gets the key its own config names.
+    api_keys = {d: actor_api_key(d) for d in cfg.env_run_dirs} if cfg.reward_source == "env" else None
+    return run(cfg, api_key=api_key, sources=sources, api_keys=api_keys)
 
 
 if __name__ == "__main__":

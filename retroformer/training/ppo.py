@@ -59,6 +59,7 @@ from retroformer.training.common import (
     build_lora_config,
     resume_checkpoint,
 )
+from retroformer.training.mixing import BALANCE_ENVS_HELP, ENV_WEIGHTS_HELP, check_env_mixing, ppo_env_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class PPORunConfig:
     )
     reward_model: str | None = doc("reward model directory (reward_run.py output); needed by reward_source=rm", None)
     env_run_dir: str | None = doc("trials run directory (runs/<run>); needed by reward_source=env", None)
+    env_run_dirs: list[str] = doc("several trials runs for reward_source=env (instead of env_run_dir): each row is "
+                                  "scored by the run that wrote it (run_name), with its environment, actor and key",
+                                  default_factory=list)  # fmt: skip
+    env_weights: dict[str, float] = doc(ENV_WEIGHTS_HELP + " (training prompts)", default_factory=dict)
+    balance_envs: bool = doc(BALANCE_ENVS_HELP + " (training prompts)", False)
     # --- policy-gradient hyperparameters
     kl_coef: float = doc("weight of the KL penalty to the reference (adapter disabled); grpo/rloo: beta", 0.05)
     clip_range: float = doc("PPO clip range epsilon for the probability ratio (Schulman et al., 2017)", 0.2)
@@ -153,8 +159,14 @@ class PPORunConfig:
                 "reward_source=rm needs reward_model; pass --reward_model <dir from reward_run.py>, "
                 "or use --reward_source env with --env_run_dir"
             )
-        if self.reward_source == "env" and not self.env_run_dir:
-            raise ConfigError("reward_source=env needs env_run_dir; pass --env_run_dir runs/<run> (the trials run)")
+        if self.reward_source == "env" and not (self.env_run_dir or self.env_run_dirs):
+            raise ConfigError(
+                "reward_source=env needs env_run_dir; pass --env_run_dir runs/<run> (the trials run), or "
+                "--env_run_dirs [runs/a, runs/b] for the runs of several environments"
+            )
+        if self.env_run_dir and self.env_run_dirs:
+            raise ConfigError("set env_run_dir (one run) or env_run_dirs (several), not both; list every run there")
+        check_env_mixing(self.env_weights, self.balance_envs)
         for name in ("num_iterations", "batch_size", "ppo_epochs", "minibatch_size", "gradient_accumulation_steps",
                      "max_new_tokens", "max_prompt_length", "save_steps", "logging_steps"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -685,6 +697,7 @@ def train_ppo(
                 "ppo/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
             }
             metrics.update({f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v})
+            metrics.update(ppo_env_metrics(batch.rewards, [rows[i] for i in batch_idx], cfg.num_samples_per_prompt))
             if evaluate is not None and (iteration % cfg.eval_steps == 0 or iteration == cfg.num_iterations):
                 metrics.update(evaluate(policy))
             history.append(metrics)

@@ -32,13 +32,14 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from retroformer.config import check_model_path, doc, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
 from retroformer.tracking import trainer_callback
+from retroformer.training import mixing
 from retroformer.training.common import (
     LoraSettings,
     TrainerSettings,
@@ -90,6 +91,8 @@ class RewardStageConfig(TrainerSettings):
     )
     merge_lora: bool = doc("save the LoRA adapter merged into the base, so output_dir is a plain model", True)
     eval_batch_size: int = doc("batch size for scoring the held-out rows", 16)
+    env_weights: dict[str, float] = doc(mixing.ENV_WEIGHTS_HELP + " (training pairs or rows)", default_factory=dict)
+    balance_envs: bool = doc(mixing.BALANCE_ENVS_HELP + " (training pairs or rows)", False)
     lora: LoraSettings = doc("LoRA adapter of the reward model", default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
@@ -110,6 +113,7 @@ class RewardStageConfig(TrainerSettings):
             raise ConfigError(f"max_length={self.max_length} is too short for a prompt and a reflection; use >= 8")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
+        mixing.check_env_mixing(self.env_weights, self.balance_envs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -146,32 +150,41 @@ class RatedRow:
     reflection: str
     rating: float
     task_id: str
+    env_name: str | None = None
 
 
 def rows_from_dataset(dataset) -> list[RatedRow]:
+    envs = dataset[mixing.ENV_COLUMN] if mixing.ENV_COLUMN in dataset.column_names else [None] * len(dataset)
     return [
-        RatedRow(p, r, float(s), str(t))
-        for p, r, s, t in zip(
-            dataset["prompt"], dataset["reflection"], dataset["rating"], dataset["task_id"], strict=True
+        RatedRow(p, r, float(s), str(t or ""), e)
+        for p, r, s, t, e in zip(
+            dataset["prompt"], dataset["reflection"], dataset["rating"], dataset["task_id"], envs, strict=True
         )
         if s is not None
     ]
 
 
+def split_key(row: RatedRow) -> str:
+    """What keeps rows on one side of the held-out split: the task, or the prompt for rows without a task id
+    (imported rating files), so that no prompt is on both sides."""
+    return row.task_id or f"prompt:{row.prompt}"
+
+
 def split_by_task(rows: list[RatedRow], eval_fraction: float, seed: int) -> tuple[list[RatedRow], list[RatedRow]]:
-    """Hold out a seeded ``eval_fraction`` of the task ids (at least one), so no prompt is in both splits."""
+    """Hold out a seeded ``eval_fraction`` of the task ids (at least one), so no prompt is in both splits; rows without
+    a task id are held out by prompt (:func:`split_key`)."""
     if eval_fraction == 0:
         return rows, []
-    tasks = sorted({r.task_id for r in rows})
+    tasks = sorted({split_key(r) for r in rows})
     if len(tasks) < 2:
         raise DataError(
-            f"eval_fraction={eval_fraction} needs rows of at least 2 tasks (task_id) to hold one out, found "
-            f"{len(tasks)}; collect more tasks or set eval_fraction 0"
+            f"eval_fraction={eval_fraction} needs rows of at least 2 tasks (task_id, or prompts where it is empty) to "
+            f"hold one out, found {len(tasks)}; collect more tasks or set eval_fraction 0"
         )
     random.Random(seed).shuffle(tasks)
     n_eval = min(len(tasks) - 1, max(1, round(eval_fraction * len(tasks))))
     held_out = set(tasks[:n_eval])
-    return [r for r in rows if r.task_id not in held_out], [r for r in rows if r.task_id in held_out]
+    return [r for r in rows if split_key(r) not in held_out], [r for r in rows if split_key(r) in held_out]
 
 
 def build_pairs(rows: list[RatedRow], max_pairs_per_prompt: int, seed: int) -> list[tuple[RatedRow, RatedRow]]:
@@ -250,20 +263,33 @@ def pairwise_accuracy(scores: dict[int, float], pairs: list[tuple[int, int]]) ->
     return sum(scores[c] > scores[r] for c, r in pairs) / len(pairs)
 
 
-def evaluate_scores(rows: list[RatedRow], scores: list[float], max_pairs_per_prompt: int, seed: int) -> dict[str, Any]:
+def evaluate_scores(
+    rows: list[RatedRow], scores: list[float], max_pairs_per_prompt: int, seed: int, prefix: str = "reward"
+) -> dict[str, Any]:
     """Held-out metrics: pairwise accuracy on same-prompt pairs with different ratings, Pearson, Spearman, MSE."""
     ratings = [r.rating for r in rows]
     index = {id(r): i for i, r in enumerate(rows)}
     pairs = [(index[id(c)], index[id(r)]) for c, r in build_pairs(rows, max_pairs_per_prompt, seed)]
     return {
-        "reward/eval_pairwise_accuracy": pairwise_accuracy(dict(enumerate(scores)), pairs),
-        "reward/eval_num_pairs": len(pairs),
-        "reward/eval_num_rows": len(rows),
-        "reward/eval_pearson": pearson(scores, ratings),
-        "reward/eval_spearman": spearman(scores, ratings),
-        "reward/eval_mse": sum((s - t) ** 2 for s, t in zip(scores, ratings, strict=True)) / len(rows),
-        "reward/eval_score_mean": sum(scores) / len(scores),
+        f"{prefix}/eval_pairwise_accuracy": pairwise_accuracy(dict(enumerate(scores)), pairs),
+        f"{prefix}/eval_num_pairs": len(pairs),
+        f"{prefix}/eval_num_rows": len(rows),
+        f"{prefix}/eval_pearson": pearson(scores, ratings),
+        f"{prefix}/eval_spearman": spearman(scores, ratings),
+        f"{prefix}/eval_mse": sum((s - t) ** 2 for s, t in zip(scores, ratings, strict=True)) / len(rows),
+        f"{prefix}/eval_score_mean": sum(scores) / len(scores),
     }
+
+
+def evaluate_per_env(rows: list[RatedRow], scores: list[float], max_pairs_per_prompt: int, seed: int) -> dict[str, Any]:
+    """:func:`evaluate_scores` on each environment's held-out rows (``reward/<env>/eval_...``), when there are several."""
+    envs = sorted({r.env_name for r in rows if r.env_name})
+    out: dict[str, Any] = {}
+    for env in envs if len(envs) > 1 else []:
+        picked = [(r, s) for r, s in zip(rows, scores, strict=True) if r.env_name == env]
+        sub_rows, sub_scores = [r for r, _ in picked], [s for _, s in picked]
+        out.update(evaluate_scores(sub_rows, sub_scores, max_pairs_per_prompt, seed, prefix=f"reward/{env}"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,12 +406,35 @@ class RewardData:
     pairs: list[tuple[RatedRow, RatedRow]]
     mode: str
     tracker: Any = None  # the report_to callback (retroformer.tracking), kept open for the held-out metrics
+    env_info: dict[str, Any] = field(default_factory=dict)  # reward/<env>/num_train_... counts
+
+
+def mix_reward_data(data: RewardData, cfg: RewardStageConfig) -> None:
+    """Resample what the chosen mode trains on (pairs: by the chosen reflection's environment; rows) to the
+    environment shares of ``cfg``, and count it per environment (``reward/<env>/num_train_pairs`` or ``_rows``)."""
+    items: list[Any] = data.pairs if data.mode == "pairwise" else data.train
+    envs = [(item[0] if data.mode == "pairwise" else item).env_name for item in items]
+    if any(env is None for env in envs):
+        return
+    if mixing.mixing_enabled(cfg.env_weights, cfg.balance_envs):
+        items = [items[i] for i in mixing.mix_indices(envs, cfg.env_weights, cfg.balance_envs, cfg.seed)]
+        envs = [(item[0] if data.mode == "pairwise" else item).env_name for item in items]
+    if data.mode == "pairwise":
+        data.pairs = items
+    else:
+        data.train = items
+    data.env_info = mixing.count_metrics(
+        "reward", "num_train_pairs" if data.mode == "pairwise" else "num_train_rows", envs
+    )
 
 
 def prepare_reward_data(cfg: RewardStageConfig) -> RewardData:
-    """Every check that needs no model weights: paths, columns, split, pairs, mode, num_labels."""
+    """Every check that needs no model weights: paths, columns, split, pairs, mode, environment mixture, num_labels."""
     check_model_path(cfg.model, "model")
-    rows = rows_from_dataset(load_rated_dataset(cfg.dataset, REWARD_COLUMNS))
+    with_env = mixing.has_env_column(cfg.dataset) or mixing.mixing_enabled(cfg.env_weights, cfg.balance_envs)
+    rows = rows_from_dataset(
+        load_rated_dataset(cfg.dataset, (*REWARD_COLUMNS, mixing.ENV_COLUMN) if with_env else REWARD_COLUMNS)
+    )
     train, held_out = split_by_task(rows, cfg.eval_fraction, cfg.seed)
     pairs = build_pairs(train, cfg.max_pairs_per_prompt, cfg.seed)
     mode = choose_mode(cfg.mode, len(pairs), cfg.min_pairs)
@@ -397,7 +446,9 @@ def prepare_reward_data(cfg: RewardStageConfig) -> RewardData:
         len(pairs),
         len(held_out),
     )
-    return RewardData(train, held_out, pairs, mode)
+    data = RewardData(train, held_out, pairs, mode)
+    mix_reward_data(data, cfg)
+    return data
 
 
 def build_reward_trainer(cfg: RewardStageConfig):
@@ -501,12 +552,14 @@ def run_reward(cfg: RewardStageConfig, sources: dict[str, str] | None = None) ->
             "reward/first_logged_loss": losses[0] if losses else None,
             "reward/last_logged_loss": losses[-1] if losses else None,
             "reward/wall_time_s": wall,
+            **data.env_info,
         }
     )
     if data.eval:
         scorer = RewardScorer(trainer.model, trainer.processing_class, cfg.max_length, cfg.eval_batch_size)
         scores = scorer([r.prompt for r in data.eval], [r.reflection for r in data.eval])
         held_out = evaluate_scores(data.eval, scores, cfg.max_pairs_per_prompt, cfg.seed)
+        held_out.update(evaluate_per_env(data.eval, scores, cfg.max_pairs_per_prompt, cfg.seed))
         metrics.update(held_out)
         if data.tracker is not None:
             data.tracker.report(held_out, step=trainer.state.global_step)

@@ -24,6 +24,7 @@ from typing import Any
 from retroformer.config import check_model_path, doc, save_config, to_dict
 from retroformer.errors import ConfigError, DataError
 from retroformer.tracking import trainer_callback
+from retroformer.training import mixing
 from retroformer.training.common import (
     LoraSettings,
     TrainerSettings,
@@ -62,6 +63,8 @@ class SFTStageConfig(TrainerSettings):
         0.0,
     )
     dedup: bool = doc("drop repeated (prompt, reflection) rows before training", True)
+    env_weights: dict[str, float] = doc(mixing.ENV_WEIGHTS_HELP + " (after the rating threshold)", default_factory=dict)
+    balance_envs: bool = doc(mixing.BALANCE_ENVS_HELP + " (after the rating threshold)", False)
     max_length: int = doc(
         "longest training sequence in tokens; longer prompts lose their start (left truncation)", 1024
     )
@@ -78,6 +81,7 @@ class SFTStageConfig(TrainerSettings):
             raise ConfigError("output_dir is empty; pass a directory, e.g. runs/demo/sft")
         if self.max_length < 16:
             raise ConfigError(f"max_length={self.max_length} is too short for a prompt and a reflection; use >= 16")
+        mixing.check_env_mixing(self.env_weights, self.balance_envs)
 
 
 def format_completion(reflection: str) -> str:
@@ -89,12 +93,16 @@ def format_completion(reflection: str) -> str:
 
 
 def select_sft_examples(dataset, min_rating: float, dedup: bool):
-    """Rows with ``rating > min_rating`` as a ``prompt``/``completion`` dataset; :class:`DataError` if none is left."""
+    """Rows with ``rating > min_rating`` as a ``prompt``/``completion`` dataset (plus ``env_name`` where the rated
+    dataset has it); :class:`DataError` if none is left."""
     from datasets import Dataset
 
     ratings = dataset["rating"]
-    prompts, completions, seen = [], [], set()
-    for prompt, reflection, rating in zip(dataset["prompt"], dataset["reflection"], ratings, strict=True):
+    envs = dataset[mixing.ENV_COLUMN] if mixing.ENV_COLUMN in dataset.column_names else None
+    prompts, completions, kept_envs, seen = [], [], [], set()
+    for i, (prompt, reflection, rating) in enumerate(
+        zip(dataset["prompt"], dataset["reflection"], ratings, strict=True)
+    ):
         if rating is None or not rating > min_rating:
             continue
         key = (prompt, reflection.strip())
@@ -103,6 +111,7 @@ def select_sft_examples(dataset, min_rating: float, dedup: bool):
         seen.add(key)
         prompts.append(prompt)
         completions.append(format_completion(reflection))
+        kept_envs.append(envs[i] if envs is not None else None)
     if not prompts:
         observed = f"ratings range from {min(ratings)} to {max(ratings)}" if ratings else "no ratings"
         raise DataError(
@@ -112,7 +121,25 @@ def select_sft_examples(dataset, min_rating: float, dedup: bool):
     logger.info(
         "SFT on %d of %d rated reflections (rating > %g, dedup=%s)", len(prompts), len(ratings), min_rating, dedup
     )
-    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+    columns = {"prompt": prompts, "completion": completions}
+    if envs is not None:
+        columns[mixing.ENV_COLUMN] = kept_envs
+    return Dataset.from_dict(columns)
+
+
+def mix_sft_examples(examples, cfg: SFTStageConfig):
+    """``examples`` resampled to the environment shares of ``cfg`` (:func:`retroformer.training.mixing.mix_indices`)
+    and the per-environment counts ``sft/<env>/num_examples`` (and ``sft/<env>/num_selected`` before mixing)."""
+    if mixing.ENV_COLUMN not in examples.column_names:
+        return examples, {}
+    info = mixing.count_metrics("sft", "num_selected", examples[mixing.ENV_COLUMN])
+    if mixing.mixing_enabled(cfg.env_weights, cfg.balance_envs):
+        examples = examples.select(
+            mixing.mix_indices(examples[mixing.ENV_COLUMN], cfg.env_weights, cfg.balance_envs, cfg.seed)
+        )
+    info.update(mixing.count_metrics("sft", "num_examples", examples[mixing.ENV_COLUMN]))
+    logger.info("SFT examples per environment: %s", info)
+    return examples, info
 
 
 def truncate_prompt_left(tokenizer, prompt: str, completion: str, max_length: int) -> str | None:
@@ -168,15 +195,18 @@ def truncate_prompts(dataset, tokenizer, max_length: int):
 
 
 def check_inputs(cfg: SFTStageConfig):
-    """Every check that needs no model: model path, dataset paths and columns, rows left after the threshold."""
+    """Every check that needs no model: model path, dataset paths and columns, rows left after the threshold, the
+    environment mixture. Returns ``(examples, number of rated rows, per-environment counts)``."""
     check_model_path(cfg.model, "model")
-    rated = load_rated_dataset(cfg.dataset, SFT_COLUMNS)
-    return select_sft_examples(rated, cfg.min_rating, cfg.dedup), len(rated)
+    with_env = mixing.has_env_column(cfg.dataset) or mixing.mixing_enabled(cfg.env_weights, cfg.balance_envs)
+    rated = load_rated_dataset(cfg.dataset, (*SFT_COLUMNS, mixing.ENV_COLUMN) if with_env else SFT_COLUMNS)
+    examples, info = mix_sft_examples(select_sft_examples(rated, cfg.min_rating, cfg.dedup), cfg)
+    return examples, len(rated), info
 
 
 def build_sft_trainer(cfg: SFTStageConfig):
     """Check the inputs (before any model is loaded), then build the ``SFTTrainer``. Returns ``(trainer, info)``."""
-    examples, num_rated = check_inputs(cfg)  # fail fast, before any model is loaded
+    examples, num_rated, env_info = check_inputs(cfg)  # fail fast, before any model is loaded
 
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -207,6 +237,7 @@ def build_sft_trainer(cfg: SFTStageConfig):
         "sft/num_rated_rows": num_rated,
         "sft/num_prompts_truncated": trunc["truncated"],
         "sft/num_rows_dropped_too_long": trunc["dropped"],
+        **env_info,
     }
     return trainer, info
 

@@ -37,8 +37,9 @@ from typing import Any
 
 from retroformer.config import to_dict
 from retroformer.tracking import trainer_callback
+from retroformer.training.mixing import EnvRewardRecorder
 from retroformer.training.ppo import PPORunConfig, cut_reflection
-from retroformer.training.rewards import RewardSource, reward_columns
+from retroformer.training.rewards import RewardSource
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +53,30 @@ def truncate_prompts(tokenizer, prompts: list[str], max_length: int) -> list[str
     return out
 
 
-def make_reward_func(reward: RewardSource, columns: tuple[str, ...]):
-    """A TRL reward function over (prompts, completions, **dataset columns) backed by ``reward``."""
+def make_reward_func(score, columns: tuple[str, ...]):
+    """A TRL reward function over (prompts, completions, **dataset columns) backed by ``score`` (a reward source's
+    ``score``, or an :class:`~retroformer.training.mixing.EnvRewardRecorder`'s)."""
 
     def reflection_reward(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
         rows = [{"prompt": p, **{c: kwargs[c][i] for c in columns}} for i, p in enumerate(prompts)]
-        return reward.score(list(prompts), [cut_reflection(c) for c in completions], rows)
+        return score(list(prompts), [cut_reflection(c) for c in completions], rows)
 
     return reflection_reward
+
+
+def env_metrics_callback(recorder: EnvRewardRecorder, tracker):
+    """A ``transformers.TrainerCallback`` that reports the rewards per environment gathered since the last log
+    (``ppo/<env>/reward_mean``) to ``tracker`` (the callback of :func:`retroformer.tracking.trainer_callback`) at the
+    trainer's step."""
+    from transformers import TrainerCallback
+
+    class EnvRewardCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            values = recorder.drain()
+            if values:
+                tracker.report(values, state.global_step)
+
+    return EnvRewardCallback()
 
 
 def _trainer_args(cfg: PPORunConfig):
@@ -99,8 +116,18 @@ def _trainer_args(cfg: PPORunConfig):
     return RLOOConfig(**common, normalize_advantages=cfg.normalize_advantages)
 
 
-def train_trl(cfg: PPORunConfig, prompts: list[str], rows: list[dict[str, Any]], reward: RewardSource):
-    """Train with TRL's ``GRPOTrainer`` or ``RLOOTrainer``; saves the adapter + tokenizer; returns ``ppo/...`` metrics."""
+def train_trl(
+    cfg: PPORunConfig,
+    prompts: list[str],
+    rows: list[dict[str, Any]],
+    reward: RewardSource,
+    recorder: EnvRewardRecorder | None = None,
+):
+    """Train with TRL's ``GRPOTrainer`` or ``RLOOTrainer``; saves the adapter + tokenizer; returns ``ppo/...`` metrics.
+
+    Every column of ``rows`` besides ``prompt`` (what the reward source and the metrics per environment read) reaches
+    the reward function. With ``recorder`` the rewards pass through it, and the trackers of ``cfg.report_to`` get
+    ``ppo/<env>/reward_mean`` at each log."""
     import torch
     from datasets import Dataset
     from peft import PeftModel
@@ -112,7 +139,7 @@ def train_trl(cfg: PPORunConfig, prompts: list[str], rows: list[dict[str, Any]],
     tokenizer = AutoTokenizer.from_pretrained(cfg.sft_adapter or cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    columns = reward_columns(cfg.reward_source)
+    columns = tuple(c for c in rows[0] if c != "prompt")
     prompts = truncate_prompts(tokenizer, prompts, cfg.max_prompt_length)
     dataset = Dataset.from_list(
         [{"prompt": p, **{c: r[c] for c in columns}} for p, r in zip(prompts, rows, strict=True)]
@@ -127,7 +154,7 @@ def train_trl(cfg: PPORunConfig, prompts: list[str], rows: list[dict[str, Any]],
     trainer_cls = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
     trainer = trainer_cls(
         model=model,
-        reward_funcs=make_reward_func(reward, columns),
+        reward_funcs=make_reward_func(recorder.score if recorder is not None else reward.score, columns),
         args=_trainer_args(cfg),
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -135,6 +162,8 @@ def train_trl(cfg: PPORunConfig, prompts: list[str], rows: list[dict[str, Any]],
     )
     callback = trainer_callback(cfg.report_to, "ppo", cfg.output_dir, to_dict(cfg))
     if callback is not None:
+        if recorder is not None:
+            trainer.add_callback(env_metrics_callback(recorder, callback))
         trainer.add_callback(callback)
     result = train_until_sigterm(trainer, resume_checkpoint(cfg.output_dir))
     trainer.save_model(cfg.output_dir)
