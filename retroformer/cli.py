@@ -436,17 +436,24 @@ def cmd_report(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="retroformer report", description="Compare trial runs side by side.")
     parser.add_argument("runs", nargs="+", help="run directories written by `retroformer trials` (runs/<name>)")
-    parser.add_argument("--out", default="runs/report", help="where report.json, report.md and success.png go")
+    parser.add_argument(
+        "--out", default="runs/report", help="where report.json, report.md, success.png and report.html go"
+    )
     parser.add_argument(
         "--labels",
         default=None,
         help="comma-separated names of the runs in the table and plot, in order (e.g. ReAct,Reflexion,Retroformer)",
     )
+    parser.add_argument(
+        "--html", default=True, action=argparse.BooleanOptionalAction, help="also write report.html (the default)"
+    )
     args = parser.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    out = write_report(args.runs, args.out, labels=labels)
+    out = write_report(args.runs, args.out, labels=labels, html=args.html)
     print(out["text"])
     print(f"report: {out['md']}\njson: {out['json']}\nplot: {out['png']}")
+    if "html" in out:
+        print(f"html: {out['html']}")
     return 0
 
 
