@@ -110,13 +110,13 @@ def test_page_is_self_contained_and_its_data_is_the_records(report):
     index, tasks = page_parts(page)
     assert index["conditions"] == ["base", "retry", "reflect"] and index["ids"] == sorted(BASE)
     assert [t[0] for t in tasks] == index["ids"]
-    t00 = dict(zip(index["ids"], tasks, strict=True))["t00"]
-    strings, (base, retry, reflect) = t00[1], t00[2]
-    assert strings[retry[0][4][0][0]] == TRICKY
-    assert [tr[2] for tr in base] == [1]
-    t01 = dict(zip(index["ids"], tasks, strict=True))["t01"]
+    by_id = dict(zip(index["ids"], tasks, strict=True))
+    strings, (base, retry, reflect) = by_id["t00"][1], by_id["t00"][2]
+    assert strings[retry[0][4][0][0]] == TRICKY  # trial 0, step 0, thought
+    assert [tr[2] for tr in base] == [1] and [tr[2] for tr in reflect] == [1]
+    t01 = by_id["t01"]
     assert t01[1][t01[2][0][0][5]].startswith("I opened the wrong door")  # base's reflection after trial 0
-    assert dict(zip(index["ids"], tasks, strict=True))["t11"][2][2] is None  # reflect never ran t11
+    assert by_id["t11"][2][2] is None  # reflect never ran t11
     assert index["first"][2][index["ids"].index("t11")] == -2
 
 

@@ -70,7 +70,9 @@ def write_run(
             batch = []
             for trial, outcome in enumerate(results):
                 last = trial + 1 >= trials
-                batch.append(episode(run_dir.name, task_id, trial, outcome, steps, obs_chars, reflect and not last, rng))
+                batch.append(
+                    episode(run_dir.name, task_id, trial, outcome, steps, obs_chars, reflect and not last, rng)
+                )
             writer.append_many(batch)
     write_task_ids(run_dir, list(task_ids if task_ids is not None else outcomes))
     write_atomic(config_path(run_dir), f"trials: {trials}\n")
