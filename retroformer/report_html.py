@@ -36,6 +36,8 @@ from retroformer.types import EpisodeRecord
 logger = logging.getLogger(__name__)
 
 ASSETS = "report_assets"
+#: A page larger than this (bytes) gets a warning that says how to make it smaller.
+LARGE_PAGE = 300_000_000
 #: The bits of the per-task reflection code in the page's index.
 REFLECTED, FIXED, UNFIXED = 1, 2, 4
 
@@ -50,13 +52,20 @@ class HtmlReportConfig:
         "much, so that a run of long episodes still opens in a browser (the records keep everything)",
         4000,
     )
+    max_steps: int | None = doc(
+        "most steps of one episode shown: the first half and the last half of them, with a note of how many are left "
+        "out between (long ALFWorld episodes of many tasks make a page too large to open); None: every step",
+        None,
+    )
     top_reflections: int = doc("how many of each condition's most common reflections the page lists", 10)
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "max_field_chars", "top_reflections"):
+        for name in ("page_size", "max_field_chars", "max_steps", "top_reflections"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"HtmlReportConfig.{name} must be a positive integer, got {value!r}; e.g. 20")
+            if name == "max_steps" and value is None:
+                continue
+            if not isinstance(value, int) or value < 2:
+                raise ConfigError(f"HtmlReportConfig.{name} must be an integer of 2 or more, got {value!r}; e.g. 20")
 
 
 @dataclass
@@ -144,11 +153,12 @@ class TaskPacker:
     Line: ``[task_id, strings, conditions]``; a condition is null (no records) or a list of trials
     ``[trial, return, success, end_reason, steps, reflection, memory_size, error]`` where texts are indices into
     ``strings`` (each distinct text once), a step is ``[thought, action, observation]`` (a fourth element 0 marks an
-    invalid action) and ``reflection`` is -1 when none was written.
+    invalid action; a step of one element is a note of steps left out, :attr:`HtmlReportConfig.max_steps`) and ``reflection`` is -1 when none was written.
     """
 
-    def __init__(self, max_chars: int) -> None:
+    def __init__(self, max_chars: int, max_steps: int | None = None) -> None:
         self.max_chars = max_chars
+        self.max_steps = max_steps
         self._strings: list[str] = []
         self._ids: dict[str, int] = {}
 
@@ -166,6 +176,11 @@ class TaskPacker:
             [self.text(s.thought), self.text(s.action), self.text(s.observation)] + ([] if s.valid else [0])
             for s in rec.steps
         ]
+        if self.max_steps is not None and len(steps) > self.max_steps:
+            head = self.max_steps // 2
+            tail = self.max_steps - head
+            note = [self.text(f"… {len(steps) - self.max_steps} steps not shown …")]
+            steps = steps[:head] + [note] + steps[-tail:]
         reflection = self.text(rec.reflection.text) if rec.reflection is not None else -1
         error = self.text(rec.error) if rec.error else -1
         return [rec.trial, rec.return_, int(rec.success), rec.end_reason, steps, reflection, len(rec.memory), error]
@@ -217,7 +232,7 @@ class TaskData:
             reader.close()
 
     def _task_line(self, reader: RecordReader, task_id: str) -> str:
-        packer = TaskPacker(self.cfg.max_field_chars)
+        packer = TaskPacker(self.cfg.max_field_chars, self.cfg.max_steps)
         packed: list[list[list[Any]] | None] = []
         for c, cond in enumerate(self.conditions):
             entries = cond.by_task.get(task_id)
@@ -430,6 +445,13 @@ def write_html_report(
                 out.write(chunk)
             out.write(_fill(after, parts))
         tmp.replace(path)
+    size = path.stat().st_size
+    if size > LARGE_PAGE:
+        logger.warning(
+            "%s is %.0f MB: browsers slow down or give up on pages of a few hundred MB. Show less of each episode "
+            "(retroformer report --html_max_steps 20 --html_max_chars 1000) or report fewer runs at once",
+            path, size / 1e6,
+        )  # fmt: skip
     return stats
 
 

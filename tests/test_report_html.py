@@ -120,14 +120,21 @@ def test_page_is_self_contained_and_its_data_is_the_records(report):
     assert index["first"][2][index["ids"].index("t11")] == -2
 
 
-def test_long_texts_are_cut_in_the_page(tmp_path):
-    run = write_run(tmp_path / "long", {"t0": [False, False]}, 2, obs_chars=500)
-    out = write_report([run], tmp_path / "report", html_config=HtmlReportConfig(max_field_chars=100))
+def test_long_texts_and_episodes_are_cut_in_the_page(tmp_path):
+    run = write_run(tmp_path / "long", {"t0": [False, False]}, 2, steps=9, obs_chars=500)
+    out = write_report([run], tmp_path / "report", html_config=HtmlReportConfig(max_field_chars=100, max_steps=4))
     _, tasks = page_parts(out["html"].read_text())
-    cut = [s for s in tasks[0][1] if "more characters not shown" in s]
+    strings, trial = tasks[0][1], tasks[0][2][0][0]
+    cut = [s for s in strings if "more characters not shown" in s]
     assert cut and all(len(s.split("…")[0]) == 100 for s in cut)
-    with pytest.raises(ConfigError, match="max_field_chars must be a positive integer"):
+    steps = trial[4]
+    assert len(steps) == 5 and len(steps[2]) == 1 and strings[steps[2][0]] == "… 5 steps not shown …"
+    assert strings[steps[1][0]].startswith("Step 1 of") and strings[steps[3][0]].startswith("Step 7 of")
+    with pytest.raises(ConfigError, match="max_field_chars must be an integer of 2 or more"):
         HtmlReportConfig(max_field_chars=0)
+    assert main(["report", str(run), "--out", str(tmp_path / "cli"), "--html_max_steps", "2"]) == 0
+    _, tasks = page_parts((tmp_path / "cli" / "report.html").read_text())
+    assert len(tasks[0][2][0][0][4]) == 3
 
 
 def test_reflection_statistics(report):

@@ -142,6 +142,7 @@
   }
 
   function renderStep(strings, step) {
+    if (step.length === 1) return el("li", "k", strings[step[0]]);  // a note: steps left out here
     const li = el("li", step.length > 3 ? "invalid" : "");
     [["thought", step[0]], ["action", step[1]], ["observation", step[2]]].forEach(([name, i]) => {
       if (strings[i] === "") return;
@@ -270,6 +271,8 @@
   syncControls();
   render();
   window.addEventListener("hashchange", () => { readHash(); syncControls(); render(); });
+  // The page's own script, and the whole opening (from the navigation's start: reading and parsing the file too).
   document.documentElement.dataset.loadMs = String(Math.round(performance.now() - t0));
+  document.documentElement.dataset.openMs = String(Math.round(performance.now()));
   document.documentElement.dataset.ready = "1";
 })();
