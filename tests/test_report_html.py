@@ -5,6 +5,7 @@ search and pages show the tasks they should."""
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import re
 import shutil
@@ -20,6 +21,7 @@ from retroformer.report_html import HtmlReportConfig
 from retroformer.stats import paired_bootstrap_diff, paired_bootstrap_diff_grouped, paired_comparison
 from retroformer.testing.report_runs import write_run
 
+REPO = Path(__file__).resolve().parents[1]
 TRIALS = 3
 TRICKY = 'a </script><script>window.pwned=1</script> <!-- "quoted" ünïcode'
 # Outcomes per task and trial of three conditions over 12 tasks (True solved, False failed, None errored).
@@ -251,3 +253,24 @@ def test_page_state_from_the_url_hash_and_errors_are_seen(report, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text(out["html"].read_text().replace("</body>", "<script>throw new Error('boom')</script></body>"))
     assert "boom" in root_attrs(chromium_dom(broken.as_uri(), tmp_path / "profile2")).get("data-errors", "")
+
+
+def test_demo_prints_the_html_report_path(report, tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("run_demo", REPO / "experiments" / "demo" / "run_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    root, _ = report
+    steps = demo.pipeline(str(tmp_path), 0, None)
+    assert steps[-1][0] == "report" and "--no-html" not in steps[-1][1]
+
+    def run_report_step(steps, log_dir, **kwargs):  # the demo's own report step, on the runs of this test
+        write_report([root / "base", root / "reflect"], tmp_path / "report")
+        return []
+
+    monkeypatch.setattr(demo, "run_steps", run_report_step)
+    assert demo.main(["--workdir", str(tmp_path)]) == 0
+    html_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("html: "))
+    assert (
+        Path(html_line.split()[1]) == tmp_path / "report" / "report.html"
+        and (tmp_path / "report" / "report.html").is_file()
+    )
