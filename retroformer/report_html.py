@@ -153,7 +153,7 @@ class TaskPacker:
     Line: ``[task_id, strings, conditions]``; a condition is null (no records) or a list of trials
     ``[trial, return, success, end_reason, steps, reflection, memory_size, error]`` where texts are indices into
     ``strings`` (each distinct text once), a step is ``[thought, action, observation]`` (a fourth element 0 marks an
-    invalid action; a step of one element is a note of steps left out, :attr:`HtmlReportConfig.max_steps`) and ``reflection`` is -1 when none was written.
+    invalid action; a step ``[note, count]`` stands for ``count`` steps left out, :attr:`HtmlReportConfig.max_steps`) and ``reflection`` is -1 when none was written.
     """
 
     def __init__(self, max_chars: int, max_steps: int | None = None) -> None:
@@ -179,7 +179,8 @@ class TaskPacker:
         if self.max_steps is not None and len(steps) > self.max_steps:
             head = self.max_steps // 2
             tail = self.max_steps - head
-            note = [self.text(f"… {len(steps) - self.max_steps} steps not shown …")]
+            hidden = len(steps) - self.max_steps
+            note = [self.text(f"… {hidden} steps not shown …"), hidden]
             steps = steps[:head] + [note] + steps[-tail:]
         reflection = self.text(rec.reflection.text) if rec.reflection is not None else -1
         error = self.text(rec.error) if rec.error else -1

@@ -130,7 +130,7 @@ def test_long_texts_and_episodes_are_cut_in_the_page(tmp_path):
     cut = [s for s in strings if "more characters not shown" in s]
     assert cut and all(len(s.split("…")[0]) == 100 for s in cut)
     steps = trial[4]
-    assert len(steps) == 5 and len(steps[2]) == 1 and strings[steps[2][0]] == "… 5 steps not shown …"
+    assert len(steps) == 5 and steps[2][1] == 5 and strings[steps[2][0]] == "… 5 steps not shown …"
     assert strings[steps[1][0]].startswith("Step 1 of") and strings[steps[3][0]].startswith("Step 7 of")
     with pytest.raises(ConfigError, match="max_field_chars must be an integer of 2 or more"):
         HtmlReportConfig(max_field_chars=0)
@@ -274,3 +274,15 @@ def test_demo_prints_the_html_report_path(report, tmp_path, monkeypatch, capsys)
         Path(html_line.split()[1]) == tmp_path / "report" / "report.html"
         and (tmp_path / "report" / "report.html").is_file()
     )
+
+
+@needs_chromium
+def test_page_numbers_steps_around_those_left_out(tmp_path):
+    run = write_run(tmp_path / "long", {"t0": [False, False]}, 2, steps=9)
+    out = write_report([run], tmp_path / "report", html_config=HtmlReportConfig(max_steps=4))
+    dom = chromium_dom(out["html"].as_uri() + "#open=1", tmp_path / "profile")
+    assert "data-errors" not in root_attrs(dom)
+    start = dom.index('class="trial ')
+    first_trial = dom[start : dom.index('class="reflection"', start)]
+    assert re.findall(r'<li[^>]*value="(\d+)"', first_trial) == ["1", "2", "8", "9"]
+    assert '<li class="k note">… 5 steps not shown …</li>' in first_trial

@@ -142,7 +142,7 @@
   }
 
   function renderStep(strings, step) {
-    if (step.length === 1) return el("li", "k", strings[step[0]]);  // a note: steps left out here
+    if (step.length === 2) return el("li", "k note", strings[step[0]]);  // [note, count]: steps left out here
     const li = el("li", step.length > 3 ? "invalid" : "");
     [["thought", step[0]], ["action", step[1]], ["observation", step[2]]].forEach(([name, i]) => {
       if (strings[i] === "") return;
@@ -158,9 +158,15 @@
     const [num, ret, success, endReason, steps, refl, memory, error] = trial;
     const box = el("div", "trial " + (success ? "ok" : "bad"));
     box.append(el("div", "thead", "trial " + num + " · return " + Number(ret).toFixed(3) + " · " +
-      (success ? "solved" : "failed") + " (" + endReason + ")" + (memory ? " · " + memory + " reflections in memory" : "")));
+      (success ? "solved" : "failed") + " (" + endReason + ")" + (memory ? " · memory: " + memory + (memory > 1 ? " reflections" : " reflection") : "")));
     const ol = el("ol", "steps");
-    steps.forEach((s) => ol.append(renderStep(strings, s)));
+    let number = 1;  // each step keeps its number in the episode, also after steps left out
+    steps.forEach((s) => {
+      const li = renderStep(strings, s);
+      if (s.length === 2) number += s[1];
+      else li.value = number++;
+      ol.append(li);
+    });
     box.append(ol);
     if (error >= 0) box.append(el("div", "error", "error: " + strings[error]));
     if (refl >= 0) {
