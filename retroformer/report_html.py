@@ -425,7 +425,9 @@ def write_html_report(
     path = Path(path)
     data = TaskData(conditions, task_ids, cfg)
     trials = max((s["trials"] for s in report["runs"].values()), default=0)
-    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=path.parent) as lines:
+    # A lone surrogate (a record's JSON may hold one, e.g. "\\ud800") cannot be encoded: it is written as its JSON
+    # escape, which is what it is inside the page's JSON strings.
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace", dir=path.parent) as lines:
         data.write(lines)
         stats = {c.name: s.result(cfg.top_reflections) for c, s in zip(conditions, data.stats, strict=True)}
         parts = {
@@ -440,7 +442,7 @@ def write_html_report(
             raise DataError(f"the template {ASSETS}/report.html lacks its {{{{tasks}}}} slot; reinstall retroformer")
         lines.seek(0)
         tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as out:
+        with tmp.open("w", encoding="utf-8", errors="backslashreplace") as out:
             out.write(_fill(before, parts))
             while chunk := lines.read(1 << 20):
                 out.write(chunk)

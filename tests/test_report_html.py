@@ -286,3 +286,12 @@ def test_page_numbers_steps_around_those_left_out(tmp_path):
     first_trial = dom[start : dom.index('class="reflection"', start)]
     assert re.findall(r'<li[^>]*value="(\d+)"', first_trial) == ["1", "2", "8", "9"]
     assert '<li class="k note">… 5 steps not shown …</li>' in first_trial
+
+
+def test_a_lone_surrogate_in_a_record_is_kept_as_its_json_escape(tmp_path):
+    run = write_run(tmp_path / "odd", {"t0": [True]}, 1)
+    records = run / "trials" / "episodes.jsonl"
+    records.write_text(records.read_text().replace("Step 0 of", "\\ud800 Step 0 of"))
+    out = write_report([run], tmp_path / "report")
+    _, tasks = page_parts(out["html"].read_text(encoding="utf-8"))
+    assert "\ud800 Step 0 of trial 0 of t0: I look for the" in tasks[0][1][0]
