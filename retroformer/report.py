@@ -210,7 +210,7 @@ class Outcomes:
 
     def cumulative(self, trial: int) -> dict[str, bool]:
         """Solved by ``trial``, for each task whose outcome by then is known: solved at a trial up to it, or run at it."""
-        known = {t: s for t, s in self.ran.get(trial, {}).items()}
+        known = dict(self.ran.get(trial, {}))
         known.update({t: True for t, first in self.first_success.items() if first <= trial})
         return known
 
