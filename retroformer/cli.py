@@ -31,7 +31,8 @@ from retroformer.config import resolve_config, to_dict
 from retroformer.errors import ConfigError, Interrupted, RetroformerError
 from retroformer.rating_files import RatingColumns, import_ratings
 from retroformer.records import config_path
-from retroformer.report import format_summary
+from retroformer.report import format_summary, write_report
+from retroformer.report_html import HtmlReportConfig
 from retroformer.tracking import TENSORBOARD_DIR, Trackers, check_report_to, parse_report_to
 from retroformer.trials import merge_run
 
@@ -434,21 +435,30 @@ def cmd_models(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from retroformer.report import write_report
-
     parser = argparse.ArgumentParser(prog="retroformer report", description="Compare trial runs side by side.")
     parser.add_argument("runs", nargs="+", help="run directories written by `retroformer trials` (runs/<name>)")
-    parser.add_argument("--out", default="runs/report", help="where report.json, report.md and success.png go")
+    parser.add_argument(
+        "--out", default="runs/report", help="where report.json, report.md, success.png and report.html go"
+    )
     parser.add_argument(
         "--labels",
         default=None,
         help="comma-separated names of the runs in the table and plot, in order (e.g. ReAct,Reflexion,Retroformer)",
     )
+    parser.add_argument(
+        "--html", default=True, action=argparse.BooleanOptionalAction, help="also write report.html (the default)"
+    )
+    page = HtmlReportConfig()
+    parser.add_argument("--html_max_chars", type=int, default=page.max_field_chars, help="longest text shown whole")
+    parser.add_argument("--html_max_steps", type=int, default=page.max_steps, help="most steps of an episode shown")
     args = parser.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    out = write_report(args.runs, args.out, labels=labels)
+    page = HtmlReportConfig(page.page_size, args.html_max_chars, args.html_max_steps, page.top_reflections)
+    out = write_report(args.runs, args.out, labels=labels, html=args.html, html_config=page)
     print(out["text"])
     print(f"report: {out['md']}\njson: {out['json']}\nplot: {out['png']}")
+    if "html" in out:
+        print(f"html: {out['html']}")
     return 0
 
 

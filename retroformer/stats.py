@@ -11,6 +11,8 @@ import math
 import random
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def binomial_two_sided(k: int, n: int) -> float:
     """Exact two-sided p-value of ``k`` successes in ``n`` fair coin flips (``min(1, 2 * P[X <= min(k, n-k)])``)."""
@@ -58,3 +60,53 @@ def paired_bootstrap_diff(
     lo = means[int((1 - level) / 2 * resamples)]
     hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
     return sum(diffs) / n, lo, hi
+
+
+def paired_bootstrap_diff_grouped(
+    a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """:func:`paired_bootstrap_diff` for many tasks: the same percentile bootstrap of ``mean(b) - mean(a)``.
+
+    A resample of ``n`` tasks with replacement is, for the mean of the differences, a draw of how many tasks of each
+    distinct difference value it holds (a multinomial with the observed shares). Drawing those counts takes time in
+    the number of distinct values (three for success/failure pairs), not in the number of tasks: 10,000 tasks take
+    milliseconds instead of seconds. The intervals follow the same distribution as :func:`paired_bootstrap_diff`'s;
+    the random draws differ, so the last digits do too.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired outcomes need equal, non-zero lengths, got {len(a)} and {len(b)}")
+    n = len(a)
+    diffs = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    values, counts = np.unique(diffs, return_counts=True)
+    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=resamples)
+    means = np.sort(draws @ values / n)
+    lo = float(means[int((1 - level) / 2 * resamples)])
+    hi = float(means[min(resamples - 1, int((1 + level) / 2 * resamples))])
+    return float(diffs.mean()), lo, hi
+
+
+def paired_comparison(
+    a: Sequence[bool], b: Sequence[bool], resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float | int]:
+    """Condition ``b`` against condition ``a`` on the same tasks (``a[i]``, ``b[i]``: task i's outcomes).
+
+    ``n`` tasks; success rates ``rate_a``, ``rate_b``; ``diff = rate_b - rate_a`` with its paired bootstrap interval
+    (``ci_low``, ``ci_high``, :func:`paired_bootstrap_diff_grouped`); McNemar's exact test (``a_only``, ``b_only``,
+    ``p``). With no tasks, the rates and the difference are None and ``p`` is 1.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
+    n = len(a)
+    test = mcnemar_exact(a, b)
+    if n == 0:
+        return {"n": 0, "rate_a": None, "rate_b": None, "diff": None, "ci_low": None, "ci_high": None, **test}
+    diff, lo, hi = paired_bootstrap_diff_grouped(a, b, resamples=resamples, seed=seed, level=level)
+    return {
+        "n": n,
+        "rate_a": sum(map(bool, a)) / n,
+        "rate_b": sum(map(bool, b)) / n,
+        "diff": diff,
+        "ci_low": lo,
+        "ci_high": hi,
+        **test,
+    }

@@ -12,7 +12,7 @@ Each step is the command a user would type; they are printed as they run:
 5. PPO from the SFT adapter with the online environment reward (LoRA, KL to the SFT adapter; see ppo.yaml)
 6-9. evaluate four reflectors on the same held-out tasks: none (ReAct), the frozen base model (Reflexion-style),
    the SFT adapter, the SFT + PPO adapter (Retroformer)
-10. report: success per trial side by side, a PNG plot and a JSON file
+10. report: success per trial side by side, paired comparisons, a PNG plot, a JSON file and an HTML page
 
 The synthetic environment and its actor are there so that learning can be *shown* on a CPU in minutes: the actor is
 not an LLM, and what its next attempt does depends only on what the reflection says. In it, imitating the reflections
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Path(args.workdir) / "report"
     print((ROOT / report / "report.md").read_text(encoding="utf-8"))
     print(f"plot: {report / 'success.png'}\njson: {report / 'report.json'}")
+    print(f"html: {report / 'report.html'} (open it in a browser: the runs side by side, task by task)")
     return 0
 
 
