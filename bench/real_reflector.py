@@ -352,6 +352,12 @@ def analyse_seed(pipe: Pipeline, timings: dict[str, float]) -> dict:
         out[f"door_named{suffix}"] = {c: doors[c]["right"] / len(ids) for c in conds}
         out[f"door_shares{suffix}"] = {c: {d: doors[c][d] / len(ids) for d in ("right", "wrong", "none")}
                                        for c in conds}  # fmt: skip
+        named = {c: [res[k][t].door == "right" for t in ids] for c, k in keys.items()}
+        out[f"door_tests{suffix}"] = {
+            f"{c}_vs_frozen_zero": paired(named["frozen_zero"], named[c], s.seed)
+            for c in ("ppo_env", "ppo_rm", "sft")
+            if c in conds and "frozen_zero" in conds
+        }
         texts = {c: collections.Counter(res[k][t].reflection for t in ids) for c, k in keys.items()}
         out[f"distinct_reflections{suffix}"] = {c: len(texts[c]) for c in conds}
         out[f"most_common{suffix}"] = {c: texts[c].most_common(3) for c in conds}
@@ -470,6 +476,16 @@ def markdown(result: dict) -> str:
                 cells = [f"{s[key]['diff']:+.3f} [{s[key]['ci95'][0]:+.3f}, {s[key]['ci95'][1]:+.3f}], "
                          f"p = {fmt_p(s[key]['p'])}" for s in seeds]  # fmt: skip
                 lines.append("| ppo_rm minus frozen_zero | " + " | ".join(cells) + " |")
+        if f"door_tests{suffix}" in seeds[0]:
+            for name in seeds[0][f"door_tests{suffix}"]:
+                tests = [s[f"door_tests{suffix}"][name] for s in seeds]
+                lines.append(
+                    f"\nNaming the revealed door, {name.replace('_vs_', ' against ')}: "
+                    + "; ".join(
+                        f"seed {s['seed']} {t['diff']:+.3f}, p = {fmt_p(t['p'])}"
+                        for s, t in zip(seeds, tests, strict=True)
+                    )
+                )
         lines.append("")
     lines += control_section(seeds, conds) + curve_section(seeds) + rm_section(seeds) + examples_section(seeds[0])
     lines += ["## How it was run", "", f"Command: `{result['command']}`", "",
