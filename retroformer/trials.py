@@ -513,6 +513,289 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> It
                 signal.signal(sig, previous[sig])
 
 
+@dataclass
+class _Plan:
+    """What a run works on, built once before its first episode: the suite, the tasks, what is on disk, the agents."""
+
+    suite: EnvSuite
+    executor: ThreadPoolExecutor
+    path: Path
+    all_tasks: list[Task]
+    tasks: list[Task]
+    fingerprint: str
+    ledger: _Ledger
+    by_task: dict[str, dict[int, RecordEntry]]
+    actor: Actor
+    refl: Reflector | None
+    #: Whether the actor / reflector count usage per call themselves (our own agents); given ones count per episode.
+    metered: tuple[bool, bool]
+
+
+def _plan_run(
+    cfg: TrialsConfig,
+    cleanup: contextlib.ExitStack,
+    api_keys: dict[str, str | None],
+    actor: Actor | None,
+    reflector: Reflector | None | Literal["auto"],
+) -> _Plan:
+    """Check the run directory and the config against it, build the suite, index what is recorded, save the config and
+    the task list, build the agents. Everything that must fail does so here, before any episode."""
+    out, shard = run_dir(cfg), cfg.shard_spec
+    check_model_paths(
+        cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
+    )
+    _check_shard_layout(out, shard)
+    check_resume_config(cfg, config_path(out))
+    path = records_path(out, shard)
+    suite = build_suite(cfg)
+    cleanup.callback(suite.close)
+    # Environment calls and record writes get threads of their own, as many as episodes run at once (asyncio's
+    # default pool holds only min(32, cpus + 4) threads).
+    executor = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="trials")
+    cleanup.callback(executor.shutdown, wait=False, cancel_futures=True)
+    all_tasks = select_tasks(cfg, suite)
+    # The fingerprint of the whole task list: every shard records the same one, so their records merge.
+    fingerprint = suite.fingerprint(all_tasks)
+    tasks = all_tasks if shard is None else [t for t in all_tasks if shard_of(t.task_id, shard[1]) == shard[0]]
+    ledger = _Ledger(cfg.budget)
+    # A shard also reads (never writes) the run's unsharded file: a run started whole may go on in shards.
+    sources = [(records_path(out), False)] if shard is not None else []
+    by_task = _resume_index([*sources, (path, True)], fingerprint, cfg.run_name, {t.task_id for t in tasks}, ledger)
+    with exclusive_lock(config_lock_path(out)):  # shards starting together: one checks and writes at a time
+        check_resume_config(cfg, config_path(out))
+        save_config(dataclasses.replace(cfg, shard=None), config_path(out))
+    write_task_ids(out, [t.task_id for t in all_tasks])
+    # Our own agents count usage per call and check the budget before each call; given ones count per episode.
+    metered = (actor is None, reflector == "auto")
+    actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_keys.get("actor"), meter=ledger)
+    refl = build_reflector(cfg, api_key=api_keys.get("reflector"), meter=ledger) if reflector == "auto" else reflector
+    check_prices(cfg, actor, refl)
+    return _Plan(suite, executor, path, all_tasks, tasks, fingerprint, ledger, by_task, actor, refl, metered)
+
+
+class _TrialLoop:
+    """The episodes of one run: each task's trials in order (:meth:`run_task`), tasks side by side up to
+    ``cfg.concurrency``. :meth:`attempt` runs one episode and its reflection, :meth:`add_reflection` writes a missing
+    one, :meth:`save` counts and records what either produced. ``stop`` is set by a budget, the circuit breaker, a
+    failed write or a signal: no episode starts after it, those in flight end and are saved."""
+
+    def __init__(self, cfg: TrialsConfig, plan: _Plan, progress: bool) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.suite, self.actor, self.refl, self.ledger = plan.suite, plan.actor, plan.refl, plan.ledger
+        self.reflector_id = plan.refl.reflector_id if plan.refl is not None else "none"
+        self.stop = asyncio.Event()
+        self.breaker = _Breaker(cfg.max_consecutive_errors, self.stop)
+        if self.ledger.exceeded():
+            self.stop.set()
+        self.sem = asyncio.Semaphore(cfg.concurrency)
+        self.writer = RecordWriter(plan.path)
+        self.commit = GroupCommit(self.writer, plan.executor)
+        self.new_episodes = 0
+        self.storage_errors: list[StorageError] = []
+        self.bar = self._progress_bar() if progress else None
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        cfg, shard = self.cfg, self.cfg.shard_spec
+        todo = 0
+        for t in self.plan.tasks:
+            done = self.plan.by_task.get(t.task_id, {})
+            if any(r.success for r in done.values()) and cfg.stop_on_success:
+                continue
+            todo += sum(1 for i in range(cfg.trials) if _needs_run(done.get(i)))
+        where = cfg.run_name if shard is None else f"{cfg.run_name} shard {shard[0]}/{shard[1]}"
+        return tqdm(total=todo, desc=f"trials {where}", unit="episode", leave=False)
+
+    async def run(self) -> str | None:
+        """Run every task; returns the name of the signal that stopped the run, None if none did."""
+        loop = asyncio.get_running_loop()
+        try:
+            with _stop_on_signals(loop, self.stop) as signalled:
+                await asyncio.gather(*(self.run_task(t) for t in self.plan.tasks))
+        finally:
+            self.writer.close()
+            if self.bar is not None:
+                self.bar.close()
+            for llm_owner in (getattr(self.actor, "llm", None), getattr(self.refl, "llm", None)):
+                if llm_owner is not None:
+                    await llm_owner.aclose()
+        if self.storage_errors:
+            raise self.storage_errors[0]
+        return signalled[0] if signalled else None
+
+    async def run_task(self, task: Task) -> None:
+        done = self.plan.by_task.get(task.task_id, {})
+        reflections: list[str] = []
+        for trial in range(self.cfg.trials):
+            if self.stop.is_set():
+                return
+            rec = done.get(trial)
+            if _needs_run(rec):
+                rec = await self.attempt(task, trial, reflections)
+            elif _needs_reflection(done, rec, self.cfg.trials, self.refl is not None):
+                rec = await self.add_reflection(task, rec, reflections)
+            if rec is None or rec.errored:
+                return  # stopped, or failed: a rerun re-attempts it
+            if rec.reflection_text is not None:
+                reflections.append(rec.reflection_text)
+            if self.cfg.stop_on_success and rec.success:
+                return
+
+    async def attempt(self, task: Task, trial: int, reflections: list[str]) -> RecordEntry | None:
+        """Trial ``trial`` of ``task``: one episode, then its reflection when it failed and trials remain."""
+        cfg = self.cfg
+        memory = memory_window(reflections, cfg.memory_size)
+        async with self.sem:
+            if self.stop.is_set():
+                return None
+            t0 = time.perf_counter()
+            result = await run_new_episode(
+                self.suite, self.actor, task, memory, executor=self.plan.executor, trial=trial
+            )
+            reflection: Reflection | None = None
+            error = result.error
+            failed = result.end_reason not in ERRORED_END_REASONS and not result.outcome.success
+            if self.refl is not None and failed and trial + 1 < cfg.trials:
+                reflection, error = await self.reflect(
+                    task, result.description, result.steps, result.outcome, reflections
+                )
+        record = EpisodeRecord(
+            run_name=cfg.run_name,
+            task_id=task.task_id,
+            trial=trial,
+            env_name=cfg.env.name,
+            env_version=self.suite.version,
+            seed=cfg.seed,
+            actor_id=self.actor.actor_id,
+            reflector_id=self.reflector_id,
+            actor_prompt_hash=self.actor.prompt_hash,
+            memory=memory,
+            steps=result.steps,
+            return_=result.outcome.return_,
+            success=result.outcome.success,
+            end_reason=result.end_reason,
+            metrics=dict(result.outcome.metrics),
+            num_invalid_actions=result.num_invalid_actions,
+            reflection=reflection,
+            actor_usage=result.usage,
+            error=error,
+            task_fingerprint=self.plan.fingerprint,
+            wall_time_s=round(time.perf_counter() - t0, 4),
+            created_at=_now(),
+        )
+        entry = await self.save(record)
+        if self.bar is not None and entry is not None:
+            self.bar.update(1)
+        return entry
+
+    async def reflect(
+        self, task: Task, description, steps, outcome, reflections
+    ) -> tuple[Reflection | None, str | None]:
+        """The reflection on a failed attempt, or None and why not. The episode itself is valid either way; without
+        its reflection the task waits for a rerun, which writes it."""
+        assert self.refl is not None
+        try:
+            prompts = prompts_for(self.suite, task)
+            return await self.refl.reflect(prompts, description, steps, outcome, reflections), None
+        except LLMError as exc:
+            logger.warning("task %s: reflector failed: %s", task.task_id, exc)
+            return None, f"reflector: {exc}"
+        except BudgetExceeded as exc:
+            return None, f"reflection not written: {exc}"
+
+    async def add_reflection(self, task: Task, entry: RecordEntry, reflections: list[str]) -> RecordEntry | None:
+        """Write the reflection ``entry`` lacks, as a line that replaces it (its actor tokens were counted already)."""
+        loop, executor = asyncio.get_running_loop(), self.plan.executor
+        async with self.sem:
+            if self.stop.is_set():
+                return None
+            t0 = time.perf_counter()
+            # The whole record (its steps) is read back from its line only here: resume keeps an index.
+            rec = await loop.run_in_executor(executor, read_record_at, entry.path, entry.offset)
+            try:
+                description = await loop.run_in_executor(executor, _description_of, self.suite, task)
+            except (EnvError, OSError) as exc:
+                reflection, error = None, f"reflector: the environment failed to give the task description: {exc}"
+            else:
+                outcome = Outcome(rec.return_, rec.success, dict(rec.metrics))
+                reflection, error = await self.reflect(task, description, rec.steps, outcome, reflections)
+        record = dataclasses.replace(
+            rec,
+            reflection=reflection,
+            reflector_id=self.reflector_id,
+            error=None if reflection is not None else error,
+            actor_usage=Usage(),
+            wall_time_s=round(time.perf_counter() - t0, 4),
+            created_at=_now(),
+        )
+        return await self.save(record)
+
+    async def save(self, record: EpisodeRecord) -> RecordEntry | None:
+        """Count ``record`` (budget, breaker) and append it to the records file; None when it could not be saved."""
+        metered = self.plan.metered
+        # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
+        self.new_episodes += 1
+        if not metered[0]:
+            self.ledger.add("actor", self.actor.actor_id, record.actor_usage)
+        if not metered[1] and record.reflection is not None:
+            self.ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
+        self.breaker.observe(record)
+        if self.ledger.exceeded():
+            self.stop.set()
+        # On disk before the episode counts as done; fsync takes milliseconds, so it is done off the event loop and
+        # shared by the records that arrive meanwhile.
+        try:
+            await self.commit.save(record)
+        except StorageError as exc:
+            # Records cannot be saved (a full disk): start no more episodes, whose calls would be paid for and lost;
+            # those in flight end, and the run then fails with this error. A rerun resumes.
+            self.new_episodes -= 1
+            self.storage_errors.append(exc)
+            self.stop.set()
+            return None
+        return RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _finish(cfg: TrialsConfig, plan: _Plan, loop: _TrialLoop, signal_name: str | None, start: float) -> TrialsResult:
+    """The run's result: its summary, streamed from disk; the dataset exported (or the shards merged) unless a signal
+    stopped it (the rerun that finishes the run exports it)."""
+    out, shard = run_dir(cfg), cfg.shard_spec
+    stopped_by_budget = loop.stop.is_set() and loop.breaker.message is None and signal_name is None
+    result = TrialsResult(out, plan.path, loop.new_episodes, time.perf_counter() - start, shard, stopped_by_budget)
+    result.stopped_by_errors = loop.breaker.message
+    result.stopped_by_signal = signal_name
+    # Streamed from disk: what was there plus what this run appended, indexed once for the summary and the export.
+    entries, lines = effective_entries(result.iter_entries())
+    result.summary = summarize_entries(entries, lines, cfg.trials, num_tasks=len(plan.tasks))
+    result.summary["cost"] = plan.ledger.summary()
+    result.summary["stopped_by_budget"] = stopped_by_budget
+    result.summary["stopped_by_errors"] = loop.breaker.message
+    result.summary["stopped_by_signal"] = signal_name
+    if signal_name is not None:
+        return result
+    if cfg.export_dataset and shard is None:
+        result.dataset_path = export_rated_reflections([plan.path], dataset_path(out), index=entries)
+    elif cfg.export_dataset and not loop.stop.is_set():
+        merged = merge_run(
+            out,
+            trials=cfg.trials,
+            stop_on_success=cfg.stop_on_success,
+            has_reflector=plan.refl is not None,
+            task_ids=[t.task_id for t in plan.all_tasks],
+            only_if_complete=True,
+        )
+        if merged is not None:
+            result.merged = merged
+            result.dataset_path = merged.dataset_path
+    return result
+
+
 async def run_trials_async(
     cfg: TrialsConfig,
     api_keys: dict[str, str | None] | None = None,
@@ -529,239 +812,13 @@ async def run_trials_async(
     history), and writes a reflection that a later trial needs but that is missing (reflector failure, or ``trials``
     raised). Only one run at a time may use a run directory (:class:`~retroformer.records.RunLock`).
     """
-    api_keys = api_keys or {}
     start = time.perf_counter()
-    out = run_dir(cfg)
-    shard = cfg.shard_spec
     # The lock first: a run that is refused must be refused at once, before any other work.
-    with RunLock(out, shard), contextlib.ExitStack() as cleanup:
-        check_model_paths(
-            cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
-        )
-        _check_shard_layout(out, shard)
-        check_resume_config(cfg, config_path(out))
-        path = records_path(out, shard)
-        suite = build_suite(cfg)
-        cleanup.callback(suite.close)
-        # Environment calls and record writes get threads of their own, as many as episodes run at once (asyncio's
-        # default pool holds only min(32, cpus + 4) threads).
-        executor = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="trials")
-        cleanup.callback(executor.shutdown, wait=False, cancel_futures=True)
-        all_tasks = select_tasks(cfg, suite)
-        # The fingerprint of the whole task list: every shard records the same one, so their records merge.
-        fingerprint = suite.fingerprint(all_tasks)
-        tasks = all_tasks if shard is None else [t for t in all_tasks if shard_of(t.task_id, shard[1]) == shard[0]]
-        ledger = _Ledger(cfg.budget)
-        # A shard also reads (never writes) the run's unsharded file: a run started whole may go on in shards.
-        sources = [(records_path(out), False)] if shard is not None else []
-        by_task = _resume_index([*sources, (path, True)], fingerprint, cfg.run_name, {t.task_id for t in tasks}, ledger)
-        with exclusive_lock(config_lock_path(out)):  # shards starting together: one checks and writes at a time
-            check_resume_config(cfg, config_path(out))
-            save_config(dataclasses.replace(cfg, shard=None), config_path(out))
-        write_task_ids(out, [t.task_id for t in all_tasks])
-        # Our own agents count usage per call and check the budget before each call; given ones count per episode.
-        metered = (actor is None, reflector == "auto")
-        actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_keys.get("actor"), meter=ledger)
-        refl = (
-            build_reflector(cfg, api_key=api_keys.get("reflector"), meter=ledger) if reflector == "auto" else reflector
-        )
-        check_prices(cfg, actor, refl)
-        reflector_id = refl.reflector_id if refl is not None else "none"
-        stop = asyncio.Event()
-        breaker = _Breaker(cfg.max_consecutive_errors, stop)
-        if ledger.exceeded():
-            stop.set()
-        loop = asyncio.get_running_loop()
-
-        todo = 0
-        for t in tasks:
-            done = by_task.get(t.task_id, {})
-            if any(r.success for r in done.values()) and cfg.stop_on_success:
-                continue
-            todo += sum(1 for i in range(cfg.trials) if _needs_run(done.get(i)))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            where = cfg.run_name if shard is None else f"{cfg.run_name} shard {shard[0]}/{shard[1]}"
-            bar = tqdm(total=todo, desc=f"trials {where}", unit="episode", leave=False)
-        sem = asyncio.Semaphore(cfg.concurrency)
-        new_episodes = 0
-        writer = RecordWriter(path)
-        commit = GroupCommit(writer, executor)
-        storage_errors: list[StorageError] = []
-
-        async def reflect(
-            task: Task, prompts, description, steps, outcome, reflections
-        ) -> tuple[Reflection | None, str | None]:
-            # The episode itself is valid either way; without its reflection the task waits for a rerun, which writes it.
-            try:
-                return await refl.reflect(prompts, description, steps, outcome, reflections), None
-            except LLMError as exc:
-                logger.warning("task %s: reflector failed: %s", task.task_id, exc)
-                return None, f"reflector: {exc}"
-            except BudgetExceeded as exc:
-                return None, f"reflection not written: {exc}"
-
-        async def save(record: EpisodeRecord) -> RecordEntry:
-            nonlocal new_episodes
-            # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
-            new_episodes += 1
-            if not metered[0]:
-                ledger.add("actor", actor.actor_id, record.actor_usage)
-            if not metered[1] and record.reflection is not None:
-                ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
-            breaker.observe(record)
-            if ledger.exceeded():
-                stop.set()
-            # On disk before the episode counts as done; fsync takes milliseconds, so it is done off the event loop
-            # and shared by the records that arrive meanwhile.
-            try:
-                await commit.save(record)
-            except StorageError as exc:
-                # Records cannot be saved (a full disk): start no more episodes, whose calls would be paid for and
-                # lost; those in flight end, and the run then fails with this error. A rerun resumes.
-                new_episodes -= 1
-                storage_errors.append(exc)
-                stop.set()
-                return None
-            return RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
-
-        async def attempt(task: Task, trial: int, reflections: list[str]) -> RecordEntry | None:
-            memory = memory_window(reflections, cfg.memory_size)
-            async with sem:
-                if stop.is_set():
-                    return None
-                t0 = time.perf_counter()
-                result = await run_new_episode(suite, actor, task, memory, executor=executor, trial=trial)
-                reflection: Reflection | None = None
-                error = result.error
-                if refl is not None and result.end_reason not in ERRORED_END_REASONS and not result.outcome.success:
-                    if trial + 1 < cfg.trials:
-                        reflection, error = await reflect(
-                            task,
-                            prompts_for(suite, task),
-                            result.description,
-                            result.steps,
-                            result.outcome,
-                            reflections,
-                        )
-            record = EpisodeRecord(
-                run_name=cfg.run_name,
-                task_id=task.task_id,
-                trial=trial,
-                env_name=cfg.env.name,
-                env_version=suite.version,
-                seed=cfg.seed,
-                actor_id=actor.actor_id,
-                reflector_id=reflector_id,
-                actor_prompt_hash=actor.prompt_hash,
-                memory=memory,
-                steps=result.steps,
-                return_=result.outcome.return_,
-                success=result.outcome.success,
-                end_reason=result.end_reason,
-                metrics=dict(result.outcome.metrics),
-                num_invalid_actions=result.num_invalid_actions,
-                reflection=reflection,
-                actor_usage=result.usage,
-                error=error,
-                task_fingerprint=fingerprint,
-                wall_time_s=round(time.perf_counter() - t0, 4),
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            )
-            entry = await save(record)
-            if bar is not None and entry is not None:
-                bar.update(1)
-            return entry
-
-        async def add_reflection(task: Task, entry: RecordEntry, reflections: list[str]) -> RecordEntry | None:
-            """Write the reflection ``entry`` lacks, as a line that replaces it (its actor tokens were counted already)."""
-            async with sem:
-                if stop.is_set():
-                    return None
-                t0 = time.perf_counter()
-                # The whole record (its steps) is read back from its line only here: resume keeps an index.
-                rec = await loop.run_in_executor(executor, read_record_at, entry.path, entry.offset)
-                try:
-                    description = await loop.run_in_executor(executor, _description_of, suite, task)
-                except (EnvError, OSError) as exc:
-                    reflection, error = None, f"reflector: the environment failed to give the task description: {exc}"
-                else:
-                    outcome = Outcome(rec.return_, rec.success, dict(rec.metrics))
-                    prompts = prompts_for(suite, task)
-                    reflection, error = await reflect(task, prompts, description, rec.steps, outcome, reflections)
-            record = dataclasses.replace(
-                rec,
-                reflection=reflection,
-                reflector_id=reflector_id,
-                error=None if reflection is not None else error,
-                actor_usage=Usage(),
-                wall_time_s=round(time.perf_counter() - t0, 4),
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            )
-            return await save(record)
-
-        async def run_task(task: Task) -> None:
-            done = by_task.get(task.task_id, {})
-            reflections: list[str] = []
-            for trial in range(cfg.trials):
-                if stop.is_set():
-                    return
-                rec = done.get(trial)
-                if _needs_run(rec):
-                    rec = await attempt(task, trial, reflections)
-                elif _needs_reflection(done, rec, cfg.trials, refl is not None):
-                    rec = await add_reflection(task, rec, reflections)
-                if rec is None or rec.errored:
-                    return  # stopped, or failed: a rerun re-attempts it
-                if rec.reflection_text is not None:
-                    reflections.append(rec.reflection_text)
-                if cfg.stop_on_success and rec.success:
-                    return
-
-        try:
-            with _stop_on_signals(loop, stop) as signalled:
-                await asyncio.gather(*(run_task(t) for t in tasks))
-        finally:
-            writer.close()
-            if bar is not None:
-                bar.close()
-            for llm_owner in (getattr(actor, "llm", None), getattr(refl, "llm", None)):
-                if llm_owner is not None:
-                    await llm_owner.aclose()
-        if storage_errors:
-            raise storage_errors[0]
-
-        stopped_by_signal = signalled[0] if signalled else None
-        stopped_by_budget = stop.is_set() and breaker.message is None and stopped_by_signal is None
-        result = TrialsResult(out, path, new_episodes, time.perf_counter() - start, shard, stopped_by_budget)
-        result.stopped_by_errors = breaker.message
-        result.stopped_by_signal = stopped_by_signal
-        # Streamed from disk: what was there plus what this run appended, indexed once for the summary and the export.
-        entries, lines = effective_entries(result.iter_entries())
-        result.summary = summarize_entries(entries, lines, cfg.trials, num_tasks=len(tasks))
-        result.summary["cost"] = ledger.summary()
-        result.summary["stopped_by_budget"] = stopped_by_budget
-        result.summary["stopped_by_errors"] = breaker.message
-        result.summary["stopped_by_signal"] = stopped_by_signal
-        if stopped_by_signal is not None:
-            return result  # out of time: the rerun that finishes the run exports its dataset
-        if cfg.export_dataset and shard is None:
-            result.dataset_path = export_rated_reflections([path], dataset_path(out), index=entries)
-        elif cfg.export_dataset and not stop.is_set():
-            merged = merge_run(
-                out,
-                trials=cfg.trials,
-                stop_on_success=cfg.stop_on_success,
-                has_reflector=refl is not None,
-                task_ids=[t.task_id for t in all_tasks],
-                only_if_complete=True,
-            )
-            if merged is not None:
-                result.merged = merged
-                result.dataset_path = merged.dataset_path
-        return result
+    with RunLock(run_dir(cfg), cfg.shard_spec), contextlib.ExitStack() as cleanup:
+        plan = _plan_run(cfg, cleanup, api_keys or {}, actor, reflector)
+        loop = _TrialLoop(cfg, plan, progress)
+        signal_name = await loop.run()
+        return _finish(cfg, plan, loop, signal_name, start)
 
 
 def merge_run(
