@@ -51,9 +51,9 @@ from retroformer.builders import (
     check_model_paths,
     select_tasks,
 )
-from retroformer.config import doc, read_yaml, save_config, to_dict, write_atomic
+from retroformer.config import doc, from_dict, read_yaml, save_config, to_dict, write_atomic
 from retroformer.dataset import export_rated_reflections
-from retroformer.envs.base import EnvSuite, Outcome, Task
+from retroformer.envs.base import EnvSuite, Outcome, Task, get_env_class
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError, StorageError
 from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, Price, is_local_model, price_for
 from retroformer.records import (
@@ -308,19 +308,57 @@ def _dotted(data: dict, key: str):
     return data
 
 
+#: Environment options that say only where a server or cache is, or how long to wait and how often to retry: a resumed
+#: run may change them. Every other option defines the tasks (which questions, how many doors, which clues).
+ENV_OPTIONS_FREE = frozenset(
+    {
+        "cache_dir",
+        "url",
+        "timeout_s",
+        "max_retries",
+        "retry_backoff_s",
+        "wikipedia_timeout_s",
+        "wikipedia_retries",
+        "wikipedia_backoff_s",
+        "wikipedia_user_agent",
+    }
+)
+
+
+def _env_options(name: str | None, options: dict | None) -> dict:
+    """``options`` with the environment's defaults filled in (an option left out equals its default given), as
+    written; an environment that cannot be loaded here is compared as written."""
+    options = dict(options or {})
+    try:
+        return to_dict(from_dict(get_env_class(str(name)).Config, options, where="env.options"))
+    except (ConfigError, ImportError):
+        return options
+
+
+def _changed_fields(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(field, old value, new value) of every field that changes what a record means (see :data:`RESUME_FIXED`)."""
+    changed = [(k, _dotted(old, k), _dotted(new, k)) for k in RESUME_FIXED if _dotted(old, k) != _dotted(new, k)]
+    if _dotted(old, "env.name") == _dotted(new, "env.name"):
+        name = _dotted(new, "env.name")
+        before, after = _env_options(name, _dotted(old, "env.options")), _env_options(name, _dotted(new, "env.options"))
+        for key in sorted((set(before) | set(after)) - ENV_OPTIONS_FREE):
+            if before.get(key) != after.get(key):
+                changed.append((f"env.options.{key}", before.get(key), after.get(key)))
+    return changed
+
+
 def check_resume_config(cfg: TrialsConfig, path: Path) -> None:
     """Refuse to resume the run whose config is at ``path`` with a config that changes what its records mean.
 
     ``trials`` may change (a run can be extended), and so may what only affects speed or limits (concurrency, retries,
-    timeouts, budget, cache). The task list is checked separately, by fingerprint.
+    timeouts, budget, cache, the environment's :data:`ENV_OPTIONS_FREE`). Every other environment option defines the
+    tasks: a changed one is refused like a changed model. The task ids are also checked, by fingerprint.
     """
     if not path.is_file():
         return
-    old = read_yaml(path)
-    new = to_dict(cfg)
-    changed = [k for k in RESUME_FIXED if _dotted(old, k) != _dotted(new, k)]
+    changed = _changed_fields(read_yaml(path), to_dict(cfg))
     if changed:
-        details = "; ".join(f"{k}: {_dotted(old, k)!r} -> {_dotted(new, k)!r}" for k in changed)
+        details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
         raise ConfigError(
             f"{run_dir(cfg)} was started with another config ({details}); these fields change what a record "
             "means, so a run cannot be resumed with new values. Restore them, or give the new config another run_name"

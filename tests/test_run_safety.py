@@ -263,6 +263,20 @@ def test_resume_with_a_changed_memory_size_is_refused_and_leaves_the_config_alon
     run_trials(cfg_for(tmp_path, trials=1, concurrency=3), progress=False)  # speed settings may change
 
 
+def test_resume_with_changed_environment_options_is_refused_naming_them_and_touches_nothing(tmp_path):
+    run_trials(cfg_for(tmp_path, trials=2), progress=False)
+    run = tmp_path / "runs" / "r"
+    config_before, records_before = config_path(run).read_bytes(), records_path(run).read_bytes()
+    changed = {"env.options": {"num_tasks": 4, "num_doors": 5, "wall_clue": True}}
+    with pytest.raises(ConfigError, match=r"env.options.num_doors: 3 -> 5; env.options.wall_clue: False -> True"):
+        run_trials(cfg_for(tmp_path, trials=3, **changed), progress=False)
+    assert config_path(run).read_bytes() == config_before
+    assert records_path(run).read_bytes() == records_before
+    # An option written out at its default is the same task list as the option left out.
+    same = {"env.options": {"num_tasks": 4, "num_doors": 3, "wall_clue": False, "seed": 0}}
+    run_trials(cfg_for(tmp_path, trials=2, **same), progress=False)
+
+
 def test_raising_trials_writes_the_missing_reflection_before_the_next_trial(tmp_path):
     with FakeOpenAIServer(reply=vault_reply) as url:
         one = run_trials(cfg_for(tmp_path, url, trials=1), progress=False)
