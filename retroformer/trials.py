@@ -31,7 +31,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -510,11 +510,14 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[list[str]]:
+def _stop_on_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, wind_down: Callable[[], None]
+) -> Iterator[list[str]]:
     """While the trial loop runs: a first SIGTERM (a cluster's preemption or time limit, ``kill``) or Ctrl-C starts no
-    more episodes and lets those in flight finish and be saved, so that their calls are not paid for twice; a second
-    one ends the run at once. Yields the list the signal's name is appended to. A loop outside the main thread cannot
-    take signals: they then keep their default (records on disk are safe either way; a rerun resumes)."""
+    more episodes and lets those in flight finish and be saved, so that their calls are not paid for twice, within
+    about one LLM timeout (``wind_down``: no retries, no call that could not end by then); a second one ends the run at
+    once. Yields the list the signal's name is appended to. A loop outside the main thread cannot take signals: they
+    then keep their default (records on disk are safe either way; a rerun resumes)."""
     received: list[str] = []
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
 
@@ -529,11 +532,12 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> It
         received.append(sig.name)
         what = "Ctrl-C" if sig == signal.SIGINT else sig.name
         logger.warning(
-            "%s: starting no more episodes; the ones in flight finish and are saved (press Ctrl-C again, or send "
-            "SIGTERM again, to stop now). Run the same command again to resume",
+            "%s: starting no more episodes; the ones in flight finish within one LLM timeout, without retries, and "
+            "are saved (press Ctrl-C again, or send SIGTERM again, to stop now). Run the same command again to resume",
             what,
         )
         stop.set()
+        wind_down()
 
     installed = []
     for sig in _STOP_SIGNALS:
@@ -631,6 +635,8 @@ class _TrialLoop:
         self.commit = GroupCommit(self.writer, plan.executor)
         self.new_episodes = 0
         self.storage_errors: list[StorageError] = []
+        #: The signal that stopped the run, once one did (see :func:`_stop_on_signals`).
+        self.signalled: list[str] = []
         self.bar = self._progress_bar() if progress else None
 
     def _progress_bar(self):
@@ -650,7 +656,7 @@ class _TrialLoop:
         """Run every task; returns the name of the signal that stopped the run, None if none did."""
         loop = asyncio.get_running_loop()
         try:
-            with _stop_on_signals(loop, self.stop) as signalled:
+            with _stop_on_signals(loop, self.stop, self._wind_down) as self.signalled:
                 await asyncio.gather(*(self.run_task(t) for t in self.plan.tasks))
         finally:
             self.writer.close()
@@ -661,7 +667,13 @@ class _TrialLoop:
                     await llm_owner.aclose()
         if self.storage_errors:
             raise self.storage_errors[0]
-        return signalled[0] if signalled else None
+        return self.signalled[0] if self.signalled else None
+
+    def _wind_down(self) -> None:
+        for llm in (getattr(self.actor, "llm", None), getattr(self.refl, "llm", None)):
+            wind_down = getattr(llm, "wind_down", None)
+            if wind_down is not None:
+                wind_down()
 
     async def run_task(self, task: Task) -> None:
         done = self.plan.by_task.get(task.task_id, {})
@@ -779,7 +791,8 @@ class _TrialLoop:
             self.ledger.add("actor", self.actor.actor_id, record.actor_usage)
         if not metered[1] and record.reflection is not None:
             self.ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
-        self.breaker.observe(record)
+        if not self.signalled:  # calls cut short by a stop are not an outage
+            self.breaker.observe(record)
         if self.ledger.exceeded():
             self.stop.set()
         # On disk before the episode counts as done; fsync takes milliseconds, so it is done off the event loop and

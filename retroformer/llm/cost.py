@@ -189,5 +189,8 @@ class MeteredLLM(LLM):
         self._add(self.role, completion.model_id, completion.usage)
         return completion
 
+    def wind_down(self) -> None:
+        self.inner.wind_down()
+
     async def aclose(self) -> None:
         await self.inner.aclose()

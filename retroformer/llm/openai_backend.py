@@ -172,6 +172,9 @@ class OpenAIBackend(LLM):
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task] = set()  # earlier event loops' clients being closed
+        #: Set by :meth:`wind_down`: the event-loop time by which every call must end; retries stop at once.
+        self._stop_at: float | None = None
+        self._winding_down: asyncio.Event | None = None
         self.usage = Usage()
 
     @property
@@ -215,6 +218,9 @@ class OpenAIBackend(LLM):
                 default_headers=self._default_headers,
             )
             self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
+            self._winding_down = asyncio.Event()
+            if self._stop_at is not None:
+                self._winding_down.set()
             self._loop = loop
         return self._client, self._semaphore
 
@@ -334,22 +340,61 @@ class OpenAIBackend(LLM):
         delay = min(self.max_backoff_s, self.backoff_s * (2**retry))
         return delay * (0.5 + 0.5 * random.random())
 
+    def wind_down(self) -> None:
+        """Finish the calls in flight within one ``timeout_s`` from now, start no retries, refuse calls that could not
+        finish by then (a signalled run then exits within about one timeout, inside a cluster's grace period)."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic() + self.cfg.timeout_s
+        if self._winding_down is not None:
+            self._winding_down.set()
+
+    def _time_left(self) -> float:
+        """Seconds this attempt may take: ``timeout_s``, less while winding down; an LLMError when none is left."""
+        if self._stop_at is None:
+            return self.cfg.timeout_s
+        left = min(self.cfg.timeout_s, self._stop_at - time.monotonic())
+        if left <= 0:
+            raise LLMError(
+                f"{self.style} request to {self.base_url} for model {self.cfg.model!r} not sent: the run is stopping "
+                "(a signal) and no call may start that could not end within llm.timeout_s of it; a rerun resumes"
+            )
+        return left
+
+    async def _attempt_in_time(self, client: Any, semaphore: asyncio.Semaphore, request: GenerationRequest):
+        """One attempt under a total deadline (connect, send and the whole body), not a per-read timeout: a server
+        that sends its headers and then a byte a second is cut off too. The wait for a free slot is not counted."""
+        async with semaphore:
+            limit = self._time_left()
+            try:
+                return await asyncio.wait_for(self._attempt(client, request), limit)
+            except asyncio.TimeoutError:
+                raise _Retryable(
+                    f"timed out after {limit:.3g} s without a complete reply (llm.timeout_s bounds the whole attempt)"
+                ) from None
+
+    async def _wait_before_retry(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; False at once if the run starts winding down meanwhile (no retry then)."""
+        assert self._winding_down is not None
+        if self._winding_down.is_set():
+            return False
+        try:
+            await asyncio.wait_for(self._winding_down.wait(), delay)
+        except asyncio.TimeoutError:
+            return True
+        return False
+
     async def generate(self, request: GenerationRequest) -> Completion:
         client, semaphore = self._bind()
         attempts = self.cfg.max_retries + 1
         failures: list[str] = []
         for attempt in range(attempts):
             try:
-                async with semaphore:
-                    text, finish, usage = await self._attempt(client, request)
+                text, finish, usage = await self._attempt_in_time(client, semaphore, request)
             except _Retryable as fault:
                 failures.append(fault.what)
                 if attempt + 1 >= attempts:
                     break
-                if fault.delay_s is not None:
-                    delay = min(fault.delay_s, self.max_retry_after_s)
-                else:
-                    delay = self._backoff(attempt)
+                delay = self._backoff(attempt) if fault.delay_s is None else min(fault.delay_s, self.max_retry_after_s)
                 logger.info(
                     "%s: attempt %d/%d failed (%s); retrying in %.3f s",
                     self.model_id,
@@ -358,7 +403,13 @@ class OpenAIBackend(LLM):
                     self._scrub(fault.what),
                     delay,
                 )
-                await asyncio.sleep(delay)
+                if not await self._wait_before_retry(delay):
+                    raise LLMError(
+                        self._scrub(
+                            f"{self.style} request to {self.base_url} for model {self.cfg.model!r} failed "
+                            f"({failures[-1]}) and was not retried: the run is stopping (a signal); a rerun resumes"
+                        )
+                    ) from None
                 continue
             self.usage.add(usage)
             return Completion(
