@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import openai
 import pytest
 import yaml
 
@@ -93,12 +94,15 @@ def test_a_503s_retry_after_is_honoured(caplog):
 def test_an_unexpected_exception_of_a_request_is_an_llm_error(monkeypatch):
     llm = backend("http://127.0.0.1:9/v1")
 
-    class Broken:
-        @staticmethod
-        async def post(path, **kw):  # the SDK client's method the backend calls
-            raise KeyError("choices")
+    def broken(**kwargs):  # the SDK's create, as the backend calls it
+        raise KeyError("choices")
 
-    monkeypatch.setattr(llm, "_bind", lambda: (Broken, asyncio.Semaphore(1)))
+    async def bind():
+        client = openai.AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="k")
+        monkeypatch.setattr(client.chat.completions.with_streaming_response, "create", broken)
+        return client, asyncio.Semaphore(1)
+
+    monkeypatch.setattr(llm, "_bind", bind)
     with pytest.raises(LLMError, match="raised KeyError"):
         ask(llm)
 

@@ -59,9 +59,9 @@ class LLMConfig:
     timeout_s: float = doc("per-request timeout in seconds", 60.0)
     retry_backoff_s: float = doc("first retry delay in seconds; doubled per retry with jitter (at most 20 s)", 0.5)
     http_client: Literal["aiohttp", "httpx"] = doc(
-        "openai: the HTTP library under the SDK (retroformer.llm.transport). aiohttp: one aiohttp session, whose C "
-        "HTTP parser spends about two thirds of httpx's client CPU per call (bench/RESULTS.md section 7b); httpx: "
-        "the SDK's default library, with one keep-alive connection per request in flight",
+        "openai: the SDK's own HTTP client. aiohttp: openai.DefaultAioHttpClient (HTTP parsed in C, less client CPU "
+        "per call); httpx: the SDK's default httpx client. Both keep one connection alive per request in flight and "
+        "follow no redirects",
         "aiohttp",
     )
     # --- decoding ---
