@@ -89,6 +89,10 @@ from retroformer.types import ERRORED_END_REASONS, EpisodeRecord, Reflection, Us
 logger = logging.getLogger(__name__)
 
 
+#: Most attempts per task a config may ask for (the paper: 4-15).
+MAX_TRIALS = 1000
+
+
 @dataclass
 class BudgetSection:
     max_tokens: int | None = doc(
@@ -171,8 +175,10 @@ class TrialsConfig:
     budget: BudgetSection = doc("token / cost budget", default_factory=BudgetSection)
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"trials must be >= 1, got {self.trials}")
+        if not 1 <= self.trials <= MAX_TRIALS:
+            raise ConfigError(
+                f"trials must be in 1..{MAX_TRIALS} (the paper uses at most 15 attempts per task), got {self.trials}"
+            )
         if self.memory_size < 0:
             raise ConfigError(f"memory_size must be >= 0, got {self.memory_size}")
         if self.concurrency < 1:

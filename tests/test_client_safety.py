@@ -74,7 +74,7 @@ def test_an_in_process_models_cache_identity_holds_its_weights_and_prompt_limit(
 # --- 7. Retry-After ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["soon", "", "Wed, 99 Foo 2026 99:99:99 GMT", "-"])
+@pytest.mark.parametrize("value", ["soon", "", "Wed, 99 Foo 2026 99:99:99 GMT", "-", "nan", "inf", "-inf", "1e999"])
 def test_a_malformed_retry_after_is_ignored(value):
     assert _retry_after_s({"retry-after": value}) is None
 
