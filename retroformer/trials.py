@@ -55,7 +55,7 @@ from retroformer.config import doc, from_dict, read_yaml, save_config, to_dict, 
 from retroformer.dataset import export_rated_reflections
 from retroformer.envs.base import EnvSuite, Outcome, Task, get_env_class
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError, StorageError
-from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, Price, is_local_model, price_for
+from retroformer.llm.cost import DEFAULT_PRICES, Budget, CostLedger, Price, is_local_model, price_for
 from retroformer.records import (
     GroupCommit,
     RecordEntry,
@@ -96,11 +96,14 @@ MAX_TRIALS = 1000
 @dataclass
 class BudgetSection:
     max_tokens: int | None = doc(
-        "stop cleanly once this many tokens (all roles) were used, checked before each call; None: no limit", None
+        "most tokens (all roles) the run may use, never passed: each call reserves its worst case (its prompt at one "
+        "token per byte, plus its max_tokens) before it is sent, and the run stops cleanly when the next call no "
+        "longer fits; None: no limit",
+        None,
     )
     max_usd: float | None = doc(
-        "stop cleanly once this estimated cost in USD is reached, checked before each call; None: no limit. Every "
-        "remote model needs a price (built-in examples or `prices`)",
+        "most estimated cost in USD, never passed (each call reserves its worst case at its price, as for max_tokens); "
+        "None: no limit. Every remote model needs a price (built-in examples or `prices`)",
         None,
     )
     prices: dict = doc(
@@ -437,13 +440,14 @@ class _Ledger:
 
     def __init__(self, budget: BudgetSection) -> None:
         self.ledger = CostLedger(prices=budget.price_table())
-        self.budget = budget
+        #: What our own agents' calls reserve and settle (see :class:`~retroformer.llm.cost.Budget`).
+        self.budget = Budget(self.ledger, budget.max_tokens, budget.max_usd)
 
     def add(self, role: str, model_id: str, usage: Usage) -> None:
         self.ledger.add(role, model_id, usage)
 
     def check(self) -> None:
-        self.ledger.check(self.budget.max_tokens, self.budget.max_usd)
+        self.budget.check()
 
     def exceeded(self) -> bool:
         try:
@@ -736,7 +740,7 @@ class _TrialLoop:
             num_invalid_actions=result.num_invalid_actions,
             reflection=reflection,
             actor_usage=result.usage,
-            error=error,
+            error=_capped(error),
             task_fingerprint=self.plan.fingerprint,
             wall_time_s=round(time.perf_counter() - t0, 4),
             created_at=_now(),
@@ -781,7 +785,7 @@ class _TrialLoop:
             rec,
             reflection=reflection,
             reflector_id=self.reflector_id,
-            error=None if reflection is not None else error,
+            error=None if reflection is not None else _capped(error),
             actor_usage=Usage(),
             wall_time_s=round(time.perf_counter() - t0, 4),
             created_at=_now(),
@@ -813,6 +817,17 @@ class _TrialLoop:
             self.stop.set()
             return None
         return RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
+
+
+#: Most characters of an error kept in a record: what failed and why is at the start; a server's megabyte of error
+#: text is not worth storing per attempt.
+MAX_ERROR_CHARS = 4096
+
+
+def _capped(error: str | None) -> str | None:
+    if error is None or len(error) <= MAX_ERROR_CHARS:
+        return error
+    return f"{error[:MAX_ERROR_CHARS]}... ({len(error) - MAX_ERROR_CHARS} more characters not kept)"
 
 
 def _now() -> str:

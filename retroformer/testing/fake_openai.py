@@ -14,7 +14,8 @@ with a 400 as OpenAI does. Faults are scripted: each request consumes the next e
 Fault kinds: ``timeout`` (hold the request past the client's timeout), ``429`` (with ``Retry-After``), ``500``,
 ``503``, ``408``, ``400``, ``401``, ``reset`` (close the socket without a response), ``malformed`` (200 with a body that is
 not JSON), ``empty`` (200 with no choices), ``null_content`` (200 with a choice whose content is null), ``drip`` (200
-headers, then one byte of the body per ``drip_interval_s`` until the client leaves: no read ever times out).
+headers, then one byte of the body per ``drip_interval_s`` until the client leaves: no read ever times out),
+``500_huge`` (a 500 whose error message is a megabyte long).
 
 ``outage(seconds)`` answers every request of a time window with one fault kind (a total outage).
 
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 FAULT_KINDS = (
     "ok", "timeout", "429", "500", "503", "400", "401", "408", "reset", "malformed", "empty", "null_content", "drip",
+    "500_huge",
 )  # fmt: skip
 
 #: OpenAI rejects requests with more than this many stop sequences.
@@ -219,6 +221,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "503":  # overloaded servers send Retry-After with a 503 too
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             self._error(503, "scripted 503 (fake)", "server_error", headers)
+            return
+        if fault.kind == "500_huge":
+            self._error(500, "overloaded " + "x" * 1_000_000, "server_error")
             return
         if fault.kind in ("500", "400", "401", "408"):
             self._error(int(fault.kind), f"scripted {fault.kind} (fake)", "server_error")
