@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -150,9 +151,15 @@ class TrialsConfig:
         None,
     )
     max_consecutive_errors: int = doc(
-        "stop the run (exit code 3) after this many failed attempts in a row, e.g. an API outage, instead of "
-        "erroring every task; a rerun resumes and re-attempts them. 0: never stop",
+        "this many failed attempts in a row, e.g. an API outage, pause the run (see outage_wait_s) instead of "
+        "erroring every task. 0: never pause or stop",
         10,
+    )
+    outage_wait_s: float = doc(
+        "when max_consecutive_errors attempts in a row fail, pause new episodes and probe the endpoint with one "
+        "episode at a time (backoff from 2 s to 60 s) for up to this many seconds, then go on and re-attempt the "
+        "failed episodes; past it the run stops (exit code 3). 0: stop at once",
+        600.0,
     )
     stop_on_success: bool = doc("stop a task's trials once it succeeds (Reflexion protocol)", True)
     cache_dir: str | None = doc("on-disk response cache for deterministic LLM calls; None disables it", None)
@@ -188,6 +195,10 @@ class TrialsConfig:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.shard is not None:
             parse_shard(self.shard)
+        if not (math.isfinite(self.outage_wait_s) and self.outage_wait_s >= 0):
+            raise ConfigError(
+                f"outage_wait_s must be a finite number of seconds >= 0 (0: stop at once), got {self.outage_wait_s}"
+            )
         if self.max_consecutive_errors < 0:
             raise ConfigError(f"max_consecutive_errors must be >= 0 (0: never stop), got {self.max_consecutive_errors}")
         if self.actor.kind == "plan" and self.env.name != "synthetic":
@@ -461,29 +472,132 @@ class _Ledger:
         return self.ledger.summary()
 
 
-class _Breaker:
-    """Stops the run after ``limit`` failed attempts in a row (an outage), instead of erroring every task."""
+#: Seconds before the first probe of an outage, and the longest wait between two probes (doubling in between).
+OUTAGE_PROBE_S = (2.0, 60.0)
 
-    def __init__(self, limit: int, stop: asyncio.Event) -> None:
+
+def _failed(record: EpisodeRecord) -> bool:
+    """An attempt that failed for a reason outside the task: an LLM or environment failure, or its reflector's."""
+    return record.end_reason in ("llm_error", "env_error") or (record.error or "").startswith("reflector:")
+
+
+class _Breaker:
+    """The circuit breaker: ``limit`` failed attempts in a row (an outage) pause the run instead of erroring every task.
+
+    While it is open no episode starts but one probe at a time: the first after ``OUTAGE_PROBE_S[0]`` seconds, each
+    later one after twice the wait before (at most ``OUTAGE_PROBE_S[1]``). Any episode that does not fail closes it and
+    the run goes on; both are logged. Once ``wait_s`` have passed since it opened, or at once when ``wait_s`` is 0,
+    the run stops: ``message`` says why, ``stop`` is set (the command exits 3; a rerun resumes).
+    """
+
+    def __init__(self, limit: int, wait_s: float, stop: asyncio.Event) -> None:
         self.limit = limit
+        self.wait_s = wait_s
         self.stop = stop
         self.failures = 0
         self.message: str | None = None
+        #: Outages ridden out so far (the breaker opened, then an episode succeeded).
+        self.recoveries = 0
+        self._opened_at: float | None = None
+        self._last = ""
+        self._delay = OUTAGE_PROBE_S[0]
+        self._probe_allowed = False
+        self._probing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._changed = asyncio.Event()
 
-    def observe(self, record: EpisodeRecord) -> None:
-        failed = record.end_reason in ("llm_error", "env_error") or (record.error or "").startswith("reflector:")
-        if not failed:
+    @property
+    def is_open(self) -> bool:
+        """Whether an outage is on: episodes wait, and one at a time probes."""
+        return self._opened_at is not None
+
+    async def admit(self) -> Literal["go", "probe"] | None:
+        """Wait until an episode may start: "go", "probe" (the one episode let through during an outage), or None
+        once the run stops."""
+        while not self.stop.is_set():
+            if self._opened_at is None:
+                return "go"
+            if self._probe_allowed and not self._probing:
+                self._probe_allowed, self._probing = False, True
+                return "probe"
+            changed, stopped = asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(self.stop.wait())
+            try:
+                await asyncio.wait({changed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                stopped.cancel()
+        return None
+
+    def observe(self, record: EpisodeRecord, probe: bool = False) -> None:
+        if not _failed(record):
             self.failures = 0
+            if self._opened_at is not None:
+                self._close()
             return
         self.failures += 1
-        if self.limit and self.failures >= self.limit and self.message is None:
-            self.message = (
-                f"{self.failures} attempts in a row failed (last: task {record.task_id} trial {record.trial}: "
-                f"{record.error}); the run stopped to spare the other tasks. Fix the cause (is the server up, the "
-                "quota left?), then run the same command again: it resumes and re-attempts the failed episodes"
+        self._last = f"task {record.task_id} trial {record.trial}: {record.error}"
+        if self._opened_at is not None:
+            if probe:
+                self._probing = False
+                self._next_probe()
+        elif self.limit and self.failures >= self.limit and self.message is None:
+            if self.wait_s <= 0:
+                self._give_up(f"{self.failures} attempts in a row failed (last: {self._last})")
+                return
+            self._opened_at, self._delay = time.monotonic(), OUTAGE_PROBE_S[0]
+            logger.warning(
+                "%d attempts in a row failed (last: %s); pausing new episodes and probing with one at a time for up "
+                "to %g s (outage_wait_s)",
+                self.failures,
+                self._last,
+                self.wait_s,
             )
-            logger.error("%s", self.message)
-            self.stop.set()
+            self._next_probe()
+
+    def _next_probe(self) -> None:
+        assert self._opened_at is not None
+        left = self._opened_at + self.wait_s - time.monotonic()
+        if left <= 0:
+            self._give_up(
+                f"{self.failures} attempts in a row failed over {self.wait_s:g} s of outage (outage_wait_s; last: "
+                f"{self._last})"
+            )
+            return
+        delay, self._delay = min(self._delay, left), min(self._delay * 2, OUTAGE_PROBE_S[1])
+        logger.info("outage: next probe in %.1f s (%.0f s of outage_wait_s left)", delay, left)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._allow_probe)
+
+    def _allow_probe(self) -> None:
+        self._probe_allowed = True
+        self._notify()
+
+    def _close(self) -> None:
+        assert self._opened_at is not None
+        logger.warning(
+            "the endpoint answers again after %.1f s of outage; resuming", time.monotonic() - self._opened_at
+        )
+        self._opened_at, self._probe_allowed, self._probing = None, False, False
+        self.recoveries += 1
+        self.close()
+        self._notify()
+
+    def _give_up(self, what: str) -> None:
+        self.message = (
+            f"{what}; the run stopped to spare the other tasks. Fix the cause (is the server up, the quota left?), "
+            "then run the same command again: it resumes and re-attempts the failed episodes"
+        )
+        logger.error("%s", self.message)
+        self.stop.set()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """Cancel a probe that is due later (the run ends, or the outage did)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _needs_run(rec: RecordEntry | None) -> bool:
@@ -637,7 +751,7 @@ class _TrialLoop:
         self.suite, self.actor, self.refl, self.ledger = plan.suite, plan.actor, plan.refl, plan.ledger
         self.reflector_id = plan.refl.reflector_id if plan.refl is not None else "none"
         self.stop = asyncio.Event()
-        self.breaker = _Breaker(cfg.max_consecutive_errors, self.stop)
+        self.breaker = _Breaker(cfg.max_consecutive_errors, cfg.outage_wait_s, self.stop)
         if self.ledger.exceeded():
             self.stop.set()
         self.sem = asyncio.Semaphore(cfg.concurrency)
@@ -645,6 +759,8 @@ class _TrialLoop:
         self.commit = GroupCommit(self.writer, plan.executor)
         self.new_episodes = 0
         self.storage_errors: list[StorageError] = []
+        #: Records of this run whose reflector failed: the whole record, for a pass after an outage to reflect on.
+        self.unreflected: dict[tuple[str, int], EpisodeRecord] = {}
         #: The signal that stopped the run, once one did (see :func:`_stop_on_signals`).
         self.signalled: list[str] = []
         self.bar = self._progress_bar() if progress else None
@@ -667,8 +783,9 @@ class _TrialLoop:
         loop = asyncio.get_running_loop()
         try:
             with _stop_on_signals(loop, self.stop, self._wind_down) as self.signalled:
-                await asyncio.gather(*(self.run_task(t) for t in self.plan.tasks))
+                await self._run_passes()
         finally:
+            self.breaker.close()
             self.writer.close()
             if self.bar is not None:
                 self.bar.close()
@@ -678,6 +795,24 @@ class _TrialLoop:
         if self.storage_errors:
             raise self.storage_errors[0]
         return self.signalled[0] if self.signalled else None
+
+    async def _run_passes(self) -> None:
+        """Every task; then, as long as an outage was ridden out in the pass before, the tasks whose attempts failed
+        during it (they stopped at their failed trial, as a rerun would)."""
+        tasks = self.plan.tasks
+        while tasks:
+            recoveries = self.breaker.recoveries
+            await asyncio.gather(*(self.run_task(t) for t in tasks))
+            if self.stop.is_set() or (self.breaker.recoveries == recoveries and not self.breaker.is_open):
+                return
+            cfg, has_reflector = self.cfg, self.refl is not None
+            by_task = self.plan.by_task
+            tasks = [
+                t
+                for t in self.plan.tasks
+                if _has_work(by_task.get(t.task_id, {}), cfg.trials, cfg.stop_on_success, has_reflector)
+            ]
+            logger.info("re-attempting %d tasks whose attempts failed during an outage", len(tasks))
 
     def _wind_down(self) -> None:
         for llm in (getattr(self.actor, "llm", None), getattr(self.refl, "llm", None)):
@@ -708,7 +843,9 @@ class _TrialLoop:
         cfg = self.cfg
         memory = memory_window(reflections, cfg.memory_size)
         async with self.sem:
-            if self.stop.is_set():
+            # Admitted within the slot: during an outage the tasks holding slots wait here, and the probe is one of them.
+            admitted = await self.breaker.admit()
+            if admitted is None:
                 return None
             t0 = time.perf_counter()
             result = await run_new_episode(
@@ -745,7 +882,7 @@ class _TrialLoop:
             wall_time_s=round(time.perf_counter() - t0, 4),
             created_at=_now(),
         )
-        entry = await self.save(record)
+        entry = await self.save(record, probe=admitted == "probe")
         if self.bar is not None and entry is not None:
             self.bar.update(1)
         return entry
@@ -769,11 +906,15 @@ class _TrialLoop:
         """Write the reflection ``entry`` lacks, as a line that replaces it (its actor tokens were counted already)."""
         loop, executor = asyncio.get_running_loop(), self.plan.executor
         async with self.sem:
-            if self.stop.is_set():
+            admitted = await self.breaker.admit()
+            if admitted is None:
                 return None
             t0 = time.perf_counter()
-            # The whole record (its steps) is read back from its line only here: resume keeps an index.
-            rec = await loop.run_in_executor(executor, read_record_at, entry.path, entry.offset)
+            # The whole record (its steps) is read back from its line only here: resume keeps an index. A record of
+            # this run that lacks its reflection (its reflector failed in an outage) is still in memory.
+            rec = self.unreflected.pop((task.task_id, entry.trial), None)
+            if rec is None:
+                rec = await loop.run_in_executor(executor, read_record_at, entry.path, entry.offset)
             try:
                 description = await loop.run_in_executor(executor, _description_of, self.suite, task)
             except (EnvError, OSError) as exc:
@@ -790,10 +931,11 @@ class _TrialLoop:
             wall_time_s=round(time.perf_counter() - t0, 4),
             created_at=_now(),
         )
-        return await self.save(record)
+        return await self.save(record, probe=admitted == "probe")
 
-    async def save(self, record: EpisodeRecord) -> RecordEntry | None:
-        """Count ``record`` (budget, breaker) and append it to the records file; None when it could not be saved."""
+    async def save(self, record: EpisodeRecord, probe: bool = False) -> RecordEntry | None:
+        """Count ``record`` (budget, breaker; ``probe``: the episode let through during an outage) and append it to
+        the records file; None when it could not be saved."""
         metered = self.plan.metered
         # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
         self.new_episodes += 1
@@ -802,7 +944,7 @@ class _TrialLoop:
         if not metered[1] and record.reflection is not None:
             self.ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
         if not self.signalled:  # calls cut short by a stop are not an outage
-            self.breaker.observe(record)
+            self.breaker.observe(record, probe)
         if self.ledger.exceeded():
             self.stop.set()
         # On disk before the episode counts as done; fsync takes milliseconds, so it is done off the event loop and
@@ -816,7 +958,11 @@ class _TrialLoop:
             self.storage_errors.append(exc)
             self.stop.set()
             return None
-        return RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
+        entry = RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
+        self.plan.by_task.setdefault(record.task_id, {})[record.trial] = entry  # for a pass after an outage
+        if _failed(record) and record.end_reason not in ERRORED_END_REASONS:
+            self.unreflected[(record.task_id, record.trial)] = record  # its reflection may be written in that pass
+        return entry
 
 
 #: Most characters of an error kept in a record: what failed and why is at the start; a server's megabyte of error
