@@ -7,7 +7,7 @@ Arms, each ``--calls`` chat completions at concurrency ``--concurrency`` (every 
 
 - ``aiohttp``: aiohttp alone, sending the bytes and headers the SDK sends and parsing the reply with ``json.loads``:
   the floor for any client that speaks HTTP from Python with aiohttp;
-- ``sdk``: ``OpenAIBackend.generate`` (the official SDK, ``DirectClient``, the retry loop) with a transport that
+- ``sdk``: ``OpenAIBackend.generate`` (the official SDK and its HTTP client, the retry loop) with a transport that
   answers at once, one call after another: the SDK's own request and response handling, without a network;
 - ``backend``: ``OpenAIBackend.generate`` over HTTP (aiohttp), as the trial loop calls it;
 - ``trials``: the whole trial loop (``run_trials_async``, the vault tasks of ``rollout_throughput.py``: three calls

@@ -75,7 +75,8 @@ def check(records, tasks: int, trials: tuple[int, ...]) -> dict:
 def outage(tasks: int, outage_s: float, latency_s: float, runs_dir: str) -> dict:
     server = FakeOpenAIServer(reply=vault_reply, latency_s=latency_s)
     with server as url:
-        cfg = config(url, runs_dir, "outage", tasks)
+        # outage_wait_s 0: the breaker stops the run at once and a rerun completes it (what this figure measures)
+        cfg = config(url, runs_dir, "outage", tasks, outage_wait_s=0)
         started: dict[str, float] = {}
 
         def trigger() -> None:

@@ -36,9 +36,10 @@
 #                        here are read from it
 #   PYTHON               interpreter with retroformer installed             (default: .venv/bin/python, else python3)
 #
-# A request for a model name that is not served answers 404. It prints "ready: <base URL> models: <names>" once the
-# server answers, and stops the server (and waits for it) on
-# SIGINT or SIGTERM. Relative paths are relative to the repository root.
+# A request for a model name that is not served answers 404 and one without a model 400, in OpenAI's error format;
+# GET /v1/models/{id} answers as OpenAI's does (transformers backend). It prints "ready: <base URL> models: <names>"
+# once the server answers, and stops the server (and waits for it) on SIGINT or SIGTERM. Relative paths are relative
+# to the repository root.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -167,12 +167,13 @@ def _wrap_cache(llm, cfg: RunSpec):
 
 
 def _meter(llm, role: str, ledger):
-    """Count each call's usage in ``ledger`` and check its budget before each call (None: no metering)."""
-    return llm if ledger is None else MeteredLLM(llm, role, ledger.add, ledger.check)
+    """Count each call's usage in ``ledger.budget`` (a :class:`~retroformer.llm.cost.Budget`), reserving its worst
+    case before it is sent (None: no metering)."""
+    return llm if ledger is None else MeteredLLM(llm, role, ledger.budget)
 
 
 def build_actor(cfg: RunSpec, suite: EnvSuite, api_key: str | None = None, meter=None) -> Actor:
-    """The configured actor; with ``meter`` (a ledger with ``add`` and ``check``) its calls are counted and budgeted."""
+    """The configured actor; with ``meter`` (a ledger with a ``budget``) its calls are counted and budgeted."""
     actor = _build_actor(cfg, suite, api_key, meter)
     return actor if cfg.actor.read_memory else MemoryBlindActor(actor)
 

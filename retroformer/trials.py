@@ -27,11 +27,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,11 +52,11 @@ from retroformer.builders import (
     check_model_paths,
     select_tasks,
 )
-from retroformer.config import doc, read_yaml, save_config, to_dict, write_atomic
+from retroformer.config import doc, from_dict, read_yaml, save_config, to_dict, write_atomic
 from retroformer.dataset import export_rated_reflections
-from retroformer.envs.base import EnvSuite, Outcome, Task
+from retroformer.envs.base import EnvSuite, Outcome, Task, get_env_class
 from retroformer.errors import BudgetExceeded, ConfigError, DataError, EnvError, LLMError, StorageError
-from retroformer.llm.cost import DEFAULT_PRICES, CostLedger, Price, is_local_model, price_for
+from retroformer.llm.cost import DEFAULT_PRICES, Budget, CostLedger, Price, is_local_model, price_for
 from retroformer.records import (
     GroupCommit,
     RecordEntry,
@@ -89,14 +90,21 @@ from retroformer.types import ERRORED_END_REASONS, EpisodeRecord, Reflection, Us
 logger = logging.getLogger(__name__)
 
 
+#: Most attempts per task a config may ask for (the paper: 4-15).
+MAX_TRIALS = 1000
+
+
 @dataclass
 class BudgetSection:
     max_tokens: int | None = doc(
-        "stop cleanly once this many tokens (all roles) were used, checked before each call; None: no limit", None
+        "most tokens (all roles) the run may use, never passed: each call reserves its worst case (its prompt at one "
+        "token per byte, plus its max_tokens) before it is sent, and the run stops cleanly when the next call no "
+        "longer fits; None: no limit",
+        None,
     )
     max_usd: float | None = doc(
-        "stop cleanly once this estimated cost in USD is reached, checked before each call; None: no limit. Every "
-        "remote model needs a price (built-in examples or `prices`)",
+        "most estimated cost in USD, never passed (each call reserves its worst case at its price, as for max_tokens); "
+        "None: no limit. Every remote model needs a price (built-in examples or `prices`)",
         None,
     )
     prices: dict = doc(
@@ -143,9 +151,15 @@ class TrialsConfig:
         None,
     )
     max_consecutive_errors: int = doc(
-        "stop the run (exit code 3) after this many failed attempts in a row, e.g. an API outage, instead of "
-        "erroring every task; a rerun resumes and re-attempts them. 0: never stop",
+        "this many failed attempts in a row, e.g. an API outage, pause the run (see outage_wait_s) instead of "
+        "erroring every task. 0: never pause or stop",
         10,
+    )
+    outage_wait_s: float = doc(
+        "when max_consecutive_errors attempts in a row fail, pause new episodes and probe the endpoint with one "
+        "episode at a time (backoff from 2 s to 60 s) for up to this many seconds, then go on and re-attempt the "
+        "failed episodes; past it the run stops (exit code 3). 0: stop at once",
+        600.0,
     )
     stop_on_success: bool = doc("stop a task's trials once it succeeds (Reflexion protocol)", True)
     cache_dir: str | None = doc("on-disk response cache for deterministic LLM calls; None disables it", None)
@@ -171,14 +185,20 @@ class TrialsConfig:
     budget: BudgetSection = doc("token / cost budget", default_factory=BudgetSection)
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"trials must be >= 1, got {self.trials}")
+        if not 1 <= self.trials <= MAX_TRIALS:
+            raise ConfigError(
+                f"trials must be in 1..{MAX_TRIALS} (the paper uses at most 15 attempts per task), got {self.trials}"
+            )
         if self.memory_size < 0:
             raise ConfigError(f"memory_size must be >= 0, got {self.memory_size}")
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.shard is not None:
             parse_shard(self.shard)
+        if not (math.isfinite(self.outage_wait_s) and self.outage_wait_s >= 0):
+            raise ConfigError(
+                f"outage_wait_s must be a finite number of seconds >= 0 (0: stop at once), got {self.outage_wait_s}"
+            )
         if self.max_consecutive_errors < 0:
             raise ConfigError(f"max_consecutive_errors must be >= 0 (0: never stop), got {self.max_consecutive_errors}")
         if self.actor.kind == "plan" and self.env.name != "synthetic":
@@ -308,19 +328,57 @@ def _dotted(data: dict, key: str):
     return data
 
 
+#: Environment options that say only where a server or cache is, or how long to wait and how often to retry: a resumed
+#: run may change them. Every other option defines the tasks (which questions, how many doors, which clues).
+ENV_OPTIONS_FREE = frozenset(
+    {
+        "cache_dir",
+        "url",
+        "timeout_s",
+        "max_retries",
+        "retry_backoff_s",
+        "wikipedia_timeout_s",
+        "wikipedia_retries",
+        "wikipedia_backoff_s",
+        "wikipedia_user_agent",
+    }
+)
+
+
+def _env_options(name: str | None, options: dict | None) -> dict:
+    """``options`` with the environment's defaults filled in (an option left out equals its default given), as
+    written; an environment that cannot be loaded here is compared as written."""
+    options = dict(options or {})
+    try:
+        return to_dict(from_dict(get_env_class(str(name)).Config, options, where="env.options"))
+    except (ConfigError, ImportError):
+        return options
+
+
+def _changed_fields(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(field, old value, new value) of every field that changes what a record means (see :data:`RESUME_FIXED`)."""
+    changed = [(k, _dotted(old, k), _dotted(new, k)) for k in RESUME_FIXED if _dotted(old, k) != _dotted(new, k)]
+    if _dotted(old, "env.name") == _dotted(new, "env.name"):
+        name = _dotted(new, "env.name")
+        before, after = _env_options(name, _dotted(old, "env.options")), _env_options(name, _dotted(new, "env.options"))
+        for key in sorted((set(before) | set(after)) - ENV_OPTIONS_FREE):
+            if before.get(key) != after.get(key):
+                changed.append((f"env.options.{key}", before.get(key), after.get(key)))
+    return changed
+
+
 def check_resume_config(cfg: TrialsConfig, path: Path) -> None:
     """Refuse to resume the run whose config is at ``path`` with a config that changes what its records mean.
 
     ``trials`` may change (a run can be extended), and so may what only affects speed or limits (concurrency, retries,
-    timeouts, budget, cache). The task list is checked separately, by fingerprint.
+    timeouts, budget, cache, the environment's :data:`ENV_OPTIONS_FREE`). Every other environment option defines the
+    tasks: a changed one is refused like a changed model. The task ids are also checked, by fingerprint.
     """
     if not path.is_file():
         return
-    old = read_yaml(path)
-    new = to_dict(cfg)
-    changed = [k for k in RESUME_FIXED if _dotted(old, k) != _dotted(new, k)]
+    changed = _changed_fields(read_yaml(path), to_dict(cfg))
     if changed:
-        details = "; ".join(f"{k}: {_dotted(old, k)!r} -> {_dotted(new, k)!r}" for k in changed)
+        details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
         raise ConfigError(
             f"{run_dir(cfg)} was started with another config ({details}); these fields change what a record "
             "means, so a run cannot be resumed with new values. Restore them, or give the new config another run_name"
@@ -393,13 +451,14 @@ class _Ledger:
 
     def __init__(self, budget: BudgetSection) -> None:
         self.ledger = CostLedger(prices=budget.price_table())
-        self.budget = budget
+        #: What our own agents' calls reserve and settle (see :class:`~retroformer.llm.cost.Budget`).
+        self.budget = Budget(self.ledger, budget.max_tokens, budget.max_usd)
 
     def add(self, role: str, model_id: str, usage: Usage) -> None:
         self.ledger.add(role, model_id, usage)
 
     def check(self) -> None:
-        self.ledger.check(self.budget.max_tokens, self.budget.max_usd)
+        self.budget.check()
 
     def exceeded(self) -> bool:
         try:
@@ -413,29 +472,132 @@ class _Ledger:
         return self.ledger.summary()
 
 
-class _Breaker:
-    """Stops the run after ``limit`` failed attempts in a row (an outage), instead of erroring every task."""
+#: Seconds before the first probe of an outage, and the longest wait between two probes (doubling in between).
+OUTAGE_PROBE_S = (2.0, 60.0)
 
-    def __init__(self, limit: int, stop: asyncio.Event) -> None:
+
+def _failed(record: EpisodeRecord) -> bool:
+    """An attempt that failed for a reason outside the task: an LLM or environment failure, or its reflector's."""
+    return record.end_reason in ("llm_error", "env_error") or (record.error or "").startswith("reflector:")
+
+
+class _Breaker:
+    """The circuit breaker: ``limit`` failed attempts in a row (an outage) pause the run instead of erroring every task.
+
+    While it is open no episode starts but one probe at a time: the first after ``OUTAGE_PROBE_S[0]`` seconds, each
+    later one after twice the wait before (at most ``OUTAGE_PROBE_S[1]``). Any episode that does not fail closes it and
+    the run goes on; both are logged. Once ``wait_s`` have passed since it opened, or at once when ``wait_s`` is 0,
+    the run stops: ``message`` says why, ``stop`` is set (the command exits 3; a rerun resumes).
+    """
+
+    def __init__(self, limit: int, wait_s: float, stop: asyncio.Event) -> None:
         self.limit = limit
+        self.wait_s = wait_s
         self.stop = stop
         self.failures = 0
         self.message: str | None = None
+        #: Outages ridden out so far (the breaker opened, then an episode succeeded).
+        self.recoveries = 0
+        self._opened_at: float | None = None
+        self._last = ""
+        self._delay = OUTAGE_PROBE_S[0]
+        self._probe_allowed = False
+        self._probing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._changed = asyncio.Event()
 
-    def observe(self, record: EpisodeRecord) -> None:
-        failed = record.end_reason in ("llm_error", "env_error") or (record.error or "").startswith("reflector:")
-        if not failed:
+    @property
+    def is_open(self) -> bool:
+        """Whether an outage is on: episodes wait, and one at a time probes."""
+        return self._opened_at is not None
+
+    async def admit(self) -> Literal["go", "probe"] | None:
+        """Wait until an episode may start: "go", "probe" (the one episode let through during an outage), or None
+        once the run stops."""
+        while not self.stop.is_set():
+            if self._opened_at is None:
+                return "go"
+            if self._probe_allowed and not self._probing:
+                self._probe_allowed, self._probing = False, True
+                return "probe"
+            changed, stopped = asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(self.stop.wait())
+            try:
+                await asyncio.wait({changed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                stopped.cancel()
+        return None
+
+    def observe(self, record: EpisodeRecord, probe: bool = False) -> None:
+        if not _failed(record):
             self.failures = 0
+            if self._opened_at is not None:
+                self._close()
             return
         self.failures += 1
-        if self.limit and self.failures >= self.limit and self.message is None:
-            self.message = (
-                f"{self.failures} attempts in a row failed (last: task {record.task_id} trial {record.trial}: "
-                f"{record.error}); the run stopped to spare the other tasks. Fix the cause (is the server up, the "
-                "quota left?), then run the same command again: it resumes and re-attempts the failed episodes"
+        self._last = f"task {record.task_id} trial {record.trial}: {record.error}"
+        if self._opened_at is not None:
+            if probe:
+                self._probing = False
+                self._next_probe()
+        elif self.limit and self.failures >= self.limit and self.message is None:
+            if self.wait_s <= 0:
+                self._give_up(f"{self.failures} attempts in a row failed (last: {self._last})")
+                return
+            self._opened_at, self._delay = time.monotonic(), OUTAGE_PROBE_S[0]
+            logger.warning(
+                "%d attempts in a row failed (last: %s); pausing new episodes and probing with one at a time for up "
+                "to %g s (outage_wait_s)",
+                self.failures,
+                self._last,
+                self.wait_s,
             )
-            logger.error("%s", self.message)
-            self.stop.set()
+            self._next_probe()
+
+    def _next_probe(self) -> None:
+        assert self._opened_at is not None
+        left = self._opened_at + self.wait_s - time.monotonic()
+        if left <= 0:
+            self._give_up(
+                f"{self.failures} attempts in a row failed over {self.wait_s:g} s of outage (outage_wait_s; last: "
+                f"{self._last})"
+            )
+            return
+        delay, self._delay = min(self._delay, left), min(self._delay * 2, OUTAGE_PROBE_S[1])
+        logger.info("outage: next probe in %.1f s (%.0f s of outage_wait_s left)", delay, left)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._allow_probe)
+
+    def _allow_probe(self) -> None:
+        self._probe_allowed = True
+        self._notify()
+
+    def _close(self) -> None:
+        assert self._opened_at is not None
+        logger.warning(
+            "the endpoint answers again after %.1f s of outage; resuming", time.monotonic() - self._opened_at
+        )
+        self._opened_at, self._probe_allowed, self._probing = None, False, False
+        self.recoveries += 1
+        self.close()
+        self._notify()
+
+    def _give_up(self, what: str) -> None:
+        self.message = (
+            f"{what}; the run stopped to spare the other tasks. Fix the cause (is the server up, the quota left?), "
+            "then run the same command again: it resumes and re-attempts the failed episodes"
+        )
+        logger.error("%s", self.message)
+        self.stop.set()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """Cancel a probe that is due later (the run ends, or the outage did)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _needs_run(rec: RecordEntry | None) -> bool:
@@ -472,11 +634,14 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[list[str]]:
+def _stop_on_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, wind_down: Callable[[], None]
+) -> Iterator[list[str]]:
     """While the trial loop runs: a first SIGTERM (a cluster's preemption or time limit, ``kill``) or Ctrl-C starts no
-    more episodes and lets those in flight finish and be saved, so that their calls are not paid for twice; a second
-    one ends the run at once. Yields the list the signal's name is appended to. A loop outside the main thread cannot
-    take signals: they then keep their default (records on disk are safe either way; a rerun resumes)."""
+    more episodes and lets those in flight finish and be saved, so that their calls are not paid for twice, within
+    about one LLM timeout (``wind_down``: no retries, no call that could not end by then); a second one ends the run at
+    once. Yields the list the signal's name is appended to. A loop outside the main thread cannot take signals: they
+    then keep their default (records on disk are safe either way; a rerun resumes)."""
     received: list[str] = []
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
 
@@ -491,11 +656,12 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> It
         received.append(sig.name)
         what = "Ctrl-C" if sig == signal.SIGINT else sig.name
         logger.warning(
-            "%s: starting no more episodes; the ones in flight finish and are saved (press Ctrl-C again, or send "
-            "SIGTERM again, to stop now). Run the same command again to resume",
+            "%s: starting no more episodes; the ones in flight finish within one LLM timeout, without retries, and "
+            "are saved (press Ctrl-C again, or send SIGTERM again, to stop now). Run the same command again to resume",
             what,
         )
         stop.set()
+        wind_down()
 
     installed = []
     for sig in _STOP_SIGNALS:
@@ -511,6 +677,341 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> It
             loop.remove_signal_handler(sig)
             if previous[sig] is not None:  # the handler the caller had (asyncio would leave the default)
                 signal.signal(sig, previous[sig])
+
+
+@dataclass
+class _Plan:
+    """What a run works on, built once before its first episode: the suite, the tasks, what is on disk, the agents."""
+
+    suite: EnvSuite
+    executor: ThreadPoolExecutor
+    path: Path
+    all_tasks: list[Task]
+    tasks: list[Task]
+    fingerprint: str
+    ledger: _Ledger
+    by_task: dict[str, dict[int, RecordEntry]]
+    actor: Actor
+    refl: Reflector | None
+    #: Whether the actor / reflector count usage per call themselves (our own agents); given ones count per episode.
+    metered: tuple[bool, bool]
+
+
+def _plan_run(
+    cfg: TrialsConfig,
+    cleanup: contextlib.ExitStack,
+    api_keys: dict[str, str | None],
+    actor: Actor | None,
+    reflector: Reflector | None | Literal["auto"],
+) -> _Plan:
+    """Check the run directory and the config against it, build the suite, index what is recorded, save the config and
+    the task list, build the agents. Everything that must fail does so here, before any episode."""
+    out, shard = run_dir(cfg), cfg.shard_spec
+    check_model_paths(
+        cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
+    )
+    _check_shard_layout(out, shard)
+    check_resume_config(cfg, config_path(out))
+    path = records_path(out, shard)
+    suite = build_suite(cfg)
+    cleanup.callback(suite.close)
+    # Environment calls and record writes get threads of their own, as many as episodes run at once (asyncio's
+    # default pool holds only min(32, cpus + 4) threads).
+    executor = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="trials")
+    cleanup.callback(executor.shutdown, wait=False, cancel_futures=True)
+    all_tasks = select_tasks(cfg, suite)
+    # The fingerprint of the whole task list: every shard records the same one, so their records merge.
+    fingerprint = suite.fingerprint(all_tasks)
+    tasks = all_tasks if shard is None else [t for t in all_tasks if shard_of(t.task_id, shard[1]) == shard[0]]
+    ledger = _Ledger(cfg.budget)
+    # A shard also reads (never writes) the run's unsharded file: a run started whole may go on in shards.
+    sources = [(records_path(out), False)] if shard is not None else []
+    by_task = _resume_index([*sources, (path, True)], fingerprint, cfg.run_name, {t.task_id for t in tasks}, ledger)
+    with exclusive_lock(config_lock_path(out)):  # shards starting together: one checks and writes at a time
+        check_resume_config(cfg, config_path(out))
+        save_config(dataclasses.replace(cfg, shard=None), config_path(out))
+    write_task_ids(out, [t.task_id for t in all_tasks])
+    # Our own agents count usage per call and check the budget before each call; given ones count per episode.
+    metered = (actor is None, reflector == "auto")
+    actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_keys.get("actor"), meter=ledger)
+    refl = build_reflector(cfg, api_key=api_keys.get("reflector"), meter=ledger) if reflector == "auto" else reflector
+    check_prices(cfg, actor, refl)
+    return _Plan(suite, executor, path, all_tasks, tasks, fingerprint, ledger, by_task, actor, refl, metered)
+
+
+class _TrialLoop:
+    """The episodes of one run: each task's trials in order (:meth:`run_task`), tasks side by side up to
+    ``cfg.concurrency``. :meth:`attempt` runs one episode and its reflection, :meth:`add_reflection` writes a missing
+    one, :meth:`save` counts and records what either produced. ``stop`` is set by a budget, the circuit breaker, a
+    failed write or a signal: no episode starts after it, those in flight end and are saved."""
+
+    def __init__(self, cfg: TrialsConfig, plan: _Plan, progress: bool) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.suite, self.actor, self.refl, self.ledger = plan.suite, plan.actor, plan.refl, plan.ledger
+        self.reflector_id = plan.refl.reflector_id if plan.refl is not None else "none"
+        self.stop = asyncio.Event()
+        self.breaker = _Breaker(cfg.max_consecutive_errors, cfg.outage_wait_s, self.stop)
+        if self.ledger.exceeded():
+            self.stop.set()
+        self.sem = asyncio.Semaphore(cfg.concurrency)
+        self.writer = RecordWriter(plan.path)
+        self.commit = GroupCommit(self.writer, plan.executor)
+        self.new_episodes = 0
+        self.storage_errors: list[StorageError] = []
+        #: Records of this run whose reflector failed: the whole record, for a pass after an outage to reflect on.
+        self.unreflected: dict[tuple[str, int], EpisodeRecord] = {}
+        #: The signal that stopped the run, once one did (see :func:`_stop_on_signals`).
+        self.signalled: list[str] = []
+        self.bar = self._progress_bar() if progress else None
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        cfg, shard = self.cfg, self.cfg.shard_spec
+        todo = 0
+        for t in self.plan.tasks:
+            done = self.plan.by_task.get(t.task_id, {})
+            if any(r.success for r in done.values()) and cfg.stop_on_success:
+                continue
+            todo += sum(1 for i in range(cfg.trials) if _needs_run(done.get(i)))
+        where = cfg.run_name if shard is None else f"{cfg.run_name} shard {shard[0]}/{shard[1]}"
+        return tqdm(total=todo, desc=f"trials {where}", unit="episode", leave=False)
+
+    async def run(self) -> str | None:
+        """Run every task; returns the name of the signal that stopped the run, None if none did."""
+        loop = asyncio.get_running_loop()
+        try:
+            with _stop_on_signals(loop, self.stop, self._wind_down) as self.signalled:
+                await self._run_passes()
+        finally:
+            self.breaker.close()
+            self.writer.close()
+            if self.bar is not None:
+                self.bar.close()
+            for llm_owner in (getattr(self.actor, "llm", None), getattr(self.refl, "llm", None)):
+                if llm_owner is not None:
+                    await llm_owner.aclose()
+        if self.storage_errors:
+            raise self.storage_errors[0]
+        return self.signalled[0] if self.signalled else None
+
+    async def _run_passes(self) -> None:
+        """Every task; then, as long as an outage was ridden out in the pass before, the tasks whose attempts failed
+        during it (they stopped at their failed trial, as a rerun would)."""
+        tasks = self.plan.tasks
+        while tasks:
+            recoveries = self.breaker.recoveries
+            await asyncio.gather(*(self.run_task(t) for t in tasks))
+            if self.stop.is_set() or (self.breaker.recoveries == recoveries and not self.breaker.is_open):
+                return
+            cfg, has_reflector = self.cfg, self.refl is not None
+            by_task = self.plan.by_task
+            tasks = [
+                t
+                for t in self.plan.tasks
+                if _has_work(by_task.get(t.task_id, {}), cfg.trials, cfg.stop_on_success, has_reflector)
+            ]
+            logger.info("re-attempting %d tasks whose attempts failed during an outage", len(tasks))
+
+    def _wind_down(self) -> None:
+        for llm in (getattr(self.actor, "llm", None), getattr(self.refl, "llm", None)):
+            wind_down = getattr(llm, "wind_down", None)
+            if wind_down is not None:
+                wind_down()
+
+    async def run_task(self, task: Task) -> None:
+        done = self.plan.by_task.get(task.task_id, {})
+        reflections: list[str] = []
+        for trial in range(self.cfg.trials):
+            if self.stop.is_set():
+                return
+            rec = done.get(trial)
+            if _needs_run(rec):
+                rec = await self.attempt(task, trial, reflections)
+            elif _needs_reflection(done, rec, self.cfg.trials, self.refl is not None):
+                rec = await self.add_reflection(task, rec, reflections)
+            if rec is None or rec.errored:
+                return  # stopped, or failed: a rerun re-attempts it
+            if rec.reflection_text is not None:
+                reflections.append(rec.reflection_text)
+            if self.cfg.stop_on_success and rec.success:
+                return
+
+    async def attempt(self, task: Task, trial: int, reflections: list[str]) -> RecordEntry | None:
+        """Trial ``trial`` of ``task``: one episode, then its reflection when it failed and trials remain."""
+        cfg = self.cfg
+        memory = memory_window(reflections, cfg.memory_size)
+        async with self.sem:
+            # Admitted within the slot: during an outage the tasks holding slots wait here, and the probe is one of them.
+            admitted = await self.breaker.admit()
+            if admitted is None:
+                return None
+            t0 = time.perf_counter()
+            result = await run_new_episode(
+                self.suite, self.actor, task, memory, executor=self.plan.executor, trial=trial
+            )
+            reflection: Reflection | None = None
+            error = result.error
+            failed = result.end_reason not in ERRORED_END_REASONS and not result.outcome.success
+            if self.refl is not None and failed and trial + 1 < cfg.trials:
+                reflection, error = await self.reflect(
+                    task, result.description, result.steps, result.outcome, reflections
+                )
+        record = EpisodeRecord(
+            run_name=cfg.run_name,
+            task_id=task.task_id,
+            trial=trial,
+            env_name=cfg.env.name,
+            env_version=self.suite.version,
+            seed=cfg.seed,
+            actor_id=self.actor.actor_id,
+            reflector_id=self.reflector_id,
+            actor_prompt_hash=self.actor.prompt_hash,
+            memory=memory,
+            steps=result.steps,
+            return_=result.outcome.return_,
+            success=result.outcome.success,
+            end_reason=result.end_reason,
+            metrics=dict(result.outcome.metrics),
+            num_invalid_actions=result.num_invalid_actions,
+            reflection=reflection,
+            actor_usage=result.usage,
+            error=_capped(error),
+            task_fingerprint=self.plan.fingerprint,
+            wall_time_s=round(time.perf_counter() - t0, 4),
+            created_at=_now(),
+        )
+        entry = await self.save(record, probe=admitted == "probe")
+        if self.bar is not None and entry is not None:
+            self.bar.update(1)
+        return entry
+
+    async def reflect(
+        self, task: Task, description, steps, outcome, reflections
+    ) -> tuple[Reflection | None, str | None]:
+        """The reflection on a failed attempt, or None and why not. The episode itself is valid either way; without
+        its reflection the task waits for a rerun, which writes it."""
+        assert self.refl is not None
+        try:
+            prompts = prompts_for(self.suite, task)
+            return await self.refl.reflect(prompts, description, steps, outcome, reflections), None
+        except LLMError as exc:
+            logger.warning("task %s: reflector failed: %s", task.task_id, exc)
+            return None, f"reflector: {exc}"
+        except BudgetExceeded as exc:
+            return None, f"reflection not written: {exc}"
+
+    async def add_reflection(self, task: Task, entry: RecordEntry, reflections: list[str]) -> RecordEntry | None:
+        """Write the reflection ``entry`` lacks, as a line that replaces it (its actor tokens were counted already)."""
+        loop, executor = asyncio.get_running_loop(), self.plan.executor
+        async with self.sem:
+            admitted = await self.breaker.admit()
+            if admitted is None:
+                return None
+            t0 = time.perf_counter()
+            # The whole record (its steps) is read back from its line only here: resume keeps an index. A record of
+            # this run that lacks its reflection (its reflector failed in an outage) is still in memory.
+            rec = self.unreflected.pop((task.task_id, entry.trial), None)
+            if rec is None:
+                rec = await loop.run_in_executor(executor, read_record_at, entry.path, entry.offset)
+            try:
+                description = await loop.run_in_executor(executor, _description_of, self.suite, task)
+            except (EnvError, OSError) as exc:
+                reflection, error = None, f"reflector: the environment failed to give the task description: {exc}"
+            else:
+                outcome = Outcome(rec.return_, rec.success, dict(rec.metrics))
+                reflection, error = await self.reflect(task, description, rec.steps, outcome, reflections)
+        record = dataclasses.replace(
+            rec,
+            reflection=reflection,
+            reflector_id=self.reflector_id,
+            error=None if reflection is not None else _capped(error),
+            actor_usage=Usage(),
+            wall_time_s=round(time.perf_counter() - t0, 4),
+            created_at=_now(),
+        )
+        return await self.save(record, probe=admitted == "probe")
+
+    async def save(self, record: EpisodeRecord, probe: bool = False) -> RecordEntry | None:
+        """Count ``record`` (budget, breaker; ``probe``: the episode let through during an outage) and append it to
+        the records file; None when it could not be saved."""
+        metered = self.plan.metered
+        # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
+        self.new_episodes += 1
+        if not metered[0]:
+            self.ledger.add("actor", self.actor.actor_id, record.actor_usage)
+        if not metered[1] and record.reflection is not None:
+            self.ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
+        if not self.signalled:  # calls cut short by a stop are not an outage
+            self.breaker.observe(record, probe)
+        if self.ledger.exceeded():
+            self.stop.set()
+        # On disk before the episode counts as done; fsync takes milliseconds, so it is done off the event loop and
+        # shared by the records that arrive meanwhile.
+        try:
+            await self.commit.save(record)
+        except StorageError as exc:
+            # Records cannot be saved (a full disk): start no more episodes, whose calls would be paid for and lost;
+            # those in flight end, and the run then fails with this error. A rerun resumes.
+            self.new_episodes -= 1
+            self.storage_errors.append(exc)
+            self.stop.set()
+            return None
+        entry = RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
+        self.plan.by_task.setdefault(record.task_id, {})[record.trial] = entry  # for a pass after an outage
+        if _failed(record) and record.end_reason not in ERRORED_END_REASONS:
+            self.unreflected[(record.task_id, record.trial)] = record  # its reflection may be written in that pass
+        return entry
+
+
+#: Most characters of an error kept in a record: what failed and why is at the start; a server's megabyte of error
+#: text is not worth storing per attempt.
+MAX_ERROR_CHARS = 4096
+
+
+def _capped(error: str | None) -> str | None:
+    if error is None or len(error) <= MAX_ERROR_CHARS:
+        return error
+    return f"{error[:MAX_ERROR_CHARS]}... ({len(error) - MAX_ERROR_CHARS} more characters not kept)"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _finish(cfg: TrialsConfig, plan: _Plan, loop: _TrialLoop, signal_name: str | None, start: float) -> TrialsResult:
+    """The run's result: its summary, streamed from disk; the dataset exported (or the shards merged) unless a signal
+    stopped it (the rerun that finishes the run exports it)."""
+    out, shard = run_dir(cfg), cfg.shard_spec
+    stopped_by_budget = loop.stop.is_set() and loop.breaker.message is None and signal_name is None
+    result = TrialsResult(out, plan.path, loop.new_episodes, time.perf_counter() - start, shard, stopped_by_budget)
+    result.stopped_by_errors = loop.breaker.message
+    result.stopped_by_signal = signal_name
+    # Streamed from disk: what was there plus what this run appended, indexed once for the summary and the export.
+    entries, lines = effective_entries(result.iter_entries())
+    result.summary = summarize_entries(entries, lines, cfg.trials, num_tasks=len(plan.tasks))
+    result.summary["cost"] = plan.ledger.summary()
+    result.summary["stopped_by_budget"] = stopped_by_budget
+    result.summary["stopped_by_errors"] = loop.breaker.message
+    result.summary["stopped_by_signal"] = signal_name
+    if signal_name is not None:
+        return result
+    if cfg.export_dataset and shard is None:
+        result.dataset_path = export_rated_reflections([plan.path], dataset_path(out), index=entries)
+    elif cfg.export_dataset and not loop.stop.is_set():
+        merged = merge_run(
+            out,
+            trials=cfg.trials,
+            stop_on_success=cfg.stop_on_success,
+            has_reflector=plan.refl is not None,
+            task_ids=[t.task_id for t in plan.all_tasks],
+            only_if_complete=True,
+        )
+        if merged is not None:
+            result.merged = merged
+            result.dataset_path = merged.dataset_path
+    return result
 
 
 async def run_trials_async(
@@ -529,239 +1030,13 @@ async def run_trials_async(
     history), and writes a reflection that a later trial needs but that is missing (reflector failure, or ``trials``
     raised). Only one run at a time may use a run directory (:class:`~retroformer.records.RunLock`).
     """
-    api_keys = api_keys or {}
     start = time.perf_counter()
-    out = run_dir(cfg)
-    shard = cfg.shard_spec
     # The lock first: a run that is refused must be refused at once, before any other work.
-    with RunLock(out, shard), contextlib.ExitStack() as cleanup:
-        check_model_paths(
-            cfg, tuple(r for r, given in (("actor", actor), ("reflector", reflector)) if given in (None, "auto"))
-        )
-        _check_shard_layout(out, shard)
-        check_resume_config(cfg, config_path(out))
-        path = records_path(out, shard)
-        suite = build_suite(cfg)
-        cleanup.callback(suite.close)
-        # Environment calls and record writes get threads of their own, as many as episodes run at once (asyncio's
-        # default pool holds only min(32, cpus + 4) threads).
-        executor = ThreadPoolExecutor(max_workers=cfg.concurrency + 2, thread_name_prefix="trials")
-        cleanup.callback(executor.shutdown, wait=False, cancel_futures=True)
-        all_tasks = select_tasks(cfg, suite)
-        # The fingerprint of the whole task list: every shard records the same one, so their records merge.
-        fingerprint = suite.fingerprint(all_tasks)
-        tasks = all_tasks if shard is None else [t for t in all_tasks if shard_of(t.task_id, shard[1]) == shard[0]]
-        ledger = _Ledger(cfg.budget)
-        # A shard also reads (never writes) the run's unsharded file: a run started whole may go on in shards.
-        sources = [(records_path(out), False)] if shard is not None else []
-        by_task = _resume_index([*sources, (path, True)], fingerprint, cfg.run_name, {t.task_id for t in tasks}, ledger)
-        with exclusive_lock(config_lock_path(out)):  # shards starting together: one checks and writes at a time
-            check_resume_config(cfg, config_path(out))
-            save_config(dataclasses.replace(cfg, shard=None), config_path(out))
-        write_task_ids(out, [t.task_id for t in all_tasks])
-        # Our own agents count usage per call and check the budget before each call; given ones count per episode.
-        metered = (actor is None, reflector == "auto")
-        actor = actor if actor is not None else build_actor(cfg, suite, api_key=api_keys.get("actor"), meter=ledger)
-        refl = (
-            build_reflector(cfg, api_key=api_keys.get("reflector"), meter=ledger) if reflector == "auto" else reflector
-        )
-        check_prices(cfg, actor, refl)
-        reflector_id = refl.reflector_id if refl is not None else "none"
-        stop = asyncio.Event()
-        breaker = _Breaker(cfg.max_consecutive_errors, stop)
-        if ledger.exceeded():
-            stop.set()
-        loop = asyncio.get_running_loop()
-
-        todo = 0
-        for t in tasks:
-            done = by_task.get(t.task_id, {})
-            if any(r.success for r in done.values()) and cfg.stop_on_success:
-                continue
-            todo += sum(1 for i in range(cfg.trials) if _needs_run(done.get(i)))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            where = cfg.run_name if shard is None else f"{cfg.run_name} shard {shard[0]}/{shard[1]}"
-            bar = tqdm(total=todo, desc=f"trials {where}", unit="episode", leave=False)
-        sem = asyncio.Semaphore(cfg.concurrency)
-        new_episodes = 0
-        writer = RecordWriter(path)
-        commit = GroupCommit(writer, executor)
-        storage_errors: list[StorageError] = []
-
-        async def reflect(
-            task: Task, prompts, description, steps, outcome, reflections
-        ) -> tuple[Reflection | None, str | None]:
-            # The episode itself is valid either way; without its reflection the task waits for a rerun, which writes it.
-            try:
-                return await refl.reflect(prompts, description, steps, outcome, reflections), None
-            except LLMError as exc:
-                logger.warning("task %s: reflector failed: %s", task.task_id, exc)
-                return None, f"reflector: {exc}"
-            except BudgetExceeded as exc:
-                return None, f"reflection not written: {exc}"
-
-        async def save(record: EpisodeRecord) -> RecordEntry:
-            nonlocal new_episodes
-            # Count first (no await in between), so that a waiting episode already sees a stop this record causes.
-            new_episodes += 1
-            if not metered[0]:
-                ledger.add("actor", actor.actor_id, record.actor_usage)
-            if not metered[1] and record.reflection is not None:
-                ledger.add("reflector", record.reflection.reflector_id, record.reflection.usage)
-            breaker.observe(record)
-            if ledger.exceeded():
-                stop.set()
-            # On disk before the episode counts as done; fsync takes milliseconds, so it is done off the event loop
-            # and shared by the records that arrive meanwhile.
-            try:
-                await commit.save(record)
-            except StorageError as exc:
-                # Records cannot be saved (a full disk): start no more episodes, whose calls would be paid for and
-                # lost; those in flight end, and the run then fails with this error. A rerun resumes.
-                new_episodes -= 1
-                storage_errors.append(exc)
-                stop.set()
-                return None
-            return RecordEntry.of(record, keep_text=True)  # the loop keeps only this much of it
-
-        async def attempt(task: Task, trial: int, reflections: list[str]) -> RecordEntry | None:
-            memory = memory_window(reflections, cfg.memory_size)
-            async with sem:
-                if stop.is_set():
-                    return None
-                t0 = time.perf_counter()
-                result = await run_new_episode(suite, actor, task, memory, executor=executor, trial=trial)
-                reflection: Reflection | None = None
-                error = result.error
-                if refl is not None and result.end_reason not in ERRORED_END_REASONS and not result.outcome.success:
-                    if trial + 1 < cfg.trials:
-                        reflection, error = await reflect(
-                            task,
-                            prompts_for(suite, task),
-                            result.description,
-                            result.steps,
-                            result.outcome,
-                            reflections,
-                        )
-            record = EpisodeRecord(
-                run_name=cfg.run_name,
-                task_id=task.task_id,
-                trial=trial,
-                env_name=cfg.env.name,
-                env_version=suite.version,
-                seed=cfg.seed,
-                actor_id=actor.actor_id,
-                reflector_id=reflector_id,
-                actor_prompt_hash=actor.prompt_hash,
-                memory=memory,
-                steps=result.steps,
-                return_=result.outcome.return_,
-                success=result.outcome.success,
-                end_reason=result.end_reason,
-                metrics=dict(result.outcome.metrics),
-                num_invalid_actions=result.num_invalid_actions,
-                reflection=reflection,
-                actor_usage=result.usage,
-                error=error,
-                task_fingerprint=fingerprint,
-                wall_time_s=round(time.perf_counter() - t0, 4),
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            )
-            entry = await save(record)
-            if bar is not None and entry is not None:
-                bar.update(1)
-            return entry
-
-        async def add_reflection(task: Task, entry: RecordEntry, reflections: list[str]) -> RecordEntry | None:
-            """Write the reflection ``entry`` lacks, as a line that replaces it (its actor tokens were counted already)."""
-            async with sem:
-                if stop.is_set():
-                    return None
-                t0 = time.perf_counter()
-                # The whole record (its steps) is read back from its line only here: resume keeps an index.
-                rec = await loop.run_in_executor(executor, read_record_at, entry.path, entry.offset)
-                try:
-                    description = await loop.run_in_executor(executor, _description_of, suite, task)
-                except (EnvError, OSError) as exc:
-                    reflection, error = None, f"reflector: the environment failed to give the task description: {exc}"
-                else:
-                    outcome = Outcome(rec.return_, rec.success, dict(rec.metrics))
-                    prompts = prompts_for(suite, task)
-                    reflection, error = await reflect(task, prompts, description, rec.steps, outcome, reflections)
-            record = dataclasses.replace(
-                rec,
-                reflection=reflection,
-                reflector_id=reflector_id,
-                error=None if reflection is not None else error,
-                actor_usage=Usage(),
-                wall_time_s=round(time.perf_counter() - t0, 4),
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            )
-            return await save(record)
-
-        async def run_task(task: Task) -> None:
-            done = by_task.get(task.task_id, {})
-            reflections: list[str] = []
-            for trial in range(cfg.trials):
-                if stop.is_set():
-                    return
-                rec = done.get(trial)
-                if _needs_run(rec):
-                    rec = await attempt(task, trial, reflections)
-                elif _needs_reflection(done, rec, cfg.trials, refl is not None):
-                    rec = await add_reflection(task, rec, reflections)
-                if rec is None or rec.errored:
-                    return  # stopped, or failed: a rerun re-attempts it
-                if rec.reflection_text is not None:
-                    reflections.append(rec.reflection_text)
-                if cfg.stop_on_success and rec.success:
-                    return
-
-        try:
-            with _stop_on_signals(loop, stop) as signalled:
-                await asyncio.gather(*(run_task(t) for t in tasks))
-        finally:
-            writer.close()
-            if bar is not None:
-                bar.close()
-            for llm_owner in (getattr(actor, "llm", None), getattr(refl, "llm", None)):
-                if llm_owner is not None:
-                    await llm_owner.aclose()
-        if storage_errors:
-            raise storage_errors[0]
-
-        stopped_by_signal = signalled[0] if signalled else None
-        stopped_by_budget = stop.is_set() and breaker.message is None and stopped_by_signal is None
-        result = TrialsResult(out, path, new_episodes, time.perf_counter() - start, shard, stopped_by_budget)
-        result.stopped_by_errors = breaker.message
-        result.stopped_by_signal = stopped_by_signal
-        # Streamed from disk: what was there plus what this run appended, indexed once for the summary and the export.
-        entries, lines = effective_entries(result.iter_entries())
-        result.summary = summarize_entries(entries, lines, cfg.trials, num_tasks=len(tasks))
-        result.summary["cost"] = ledger.summary()
-        result.summary["stopped_by_budget"] = stopped_by_budget
-        result.summary["stopped_by_errors"] = breaker.message
-        result.summary["stopped_by_signal"] = stopped_by_signal
-        if stopped_by_signal is not None:
-            return result  # out of time: the rerun that finishes the run exports its dataset
-        if cfg.export_dataset and shard is None:
-            result.dataset_path = export_rated_reflections([path], dataset_path(out), index=entries)
-        elif cfg.export_dataset and not stop.is_set():
-            merged = merge_run(
-                out,
-                trials=cfg.trials,
-                stop_on_success=cfg.stop_on_success,
-                has_reflector=refl is not None,
-                task_ids=[t.task_id for t in all_tasks],
-                only_if_complete=True,
-            )
-            if merged is not None:
-                result.merged = merged
-                result.dataset_path = merged.dataset_path
-        return result
+    with RunLock(run_dir(cfg), cfg.shard_spec), contextlib.ExitStack() as cleanup:
+        plan = _plan_run(cfg, cleanup, api_keys or {}, actor, reflector)
+        loop = _TrialLoop(cfg, plan, progress)
+        signal_name = await loop.run()
+        return _finish(cfg, plan, loop, signal_name, start)
 
 
 def merge_run(

@@ -4,8 +4,10 @@ costs: each against the fake OpenAI-compatible server, offline."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
+import openai
 import pytest
 import yaml
 
@@ -73,7 +75,7 @@ def test_an_in_process_models_cache_identity_holds_its_weights_and_prompt_limit(
 # --- 7. Retry-After ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["soon", "", "Wed, 99 Foo 2026 99:99:99 GMT", "-"])
+@pytest.mark.parametrize("value", ["soon", "", "Wed, 99 Foo 2026 99:99:99 GMT", "-", "nan", "inf", "-inf", "1e999"])
 def test_a_malformed_retry_after_is_ignored(value):
     assert _retry_after_s({"retry-after": value}) is None
 
@@ -93,12 +95,15 @@ def test_a_503s_retry_after_is_honoured(caplog):
 def test_an_unexpected_exception_of_a_request_is_an_llm_error(monkeypatch):
     llm = backend("http://127.0.0.1:9/v1")
 
-    class Broken:
-        @staticmethod
-        async def post(path, **kw):  # the SDK client's method the backend calls
-            raise KeyError("choices")
+    def broken(**kwargs):  # the SDK's create, as the backend calls it
+        raise KeyError("choices")
 
-    monkeypatch.setattr(llm, "_bind", lambda: (Broken, asyncio.Semaphore(1)))
+    async def bind():
+        client = openai.AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="k")
+        monkeypatch.setattr(client.chat.completions.with_streaming_response, "create", broken)
+        return client, asyncio.Semaphore(1)
+
+    monkeypatch.setattr(llm, "_bind", bind)
     with pytest.raises(LLMError, match="raised KeyError"):
         ask(llm)
 
@@ -145,12 +150,78 @@ def test_max_usd_needs_a_price_for_a_remote_model_and_budget_prices_give_one(tmp
 def test_the_budget_is_checked_before_each_call_not_after_each_episode(tmp_path):
     # every reply is 'look', so each episode makes 3 calls (the step limit); the budget runs out mid-episode
     llm = {"backend": "scripted", "scripted_replies": ["Thought: hm\nAction: look"]}
-    res = run_trials(trials_cfg(tmp_path, llm, max_tokens=120), progress=False)
+    res = run_trials(trials_cfg(tmp_path, llm, max_tokens=2500), progress=False)
     assert res.stopped_by_budget
-    per_call = max(r.actor_usage.total_tokens / r.actor_usage.calls for r in res.records if r.actor_usage.calls)
-    assert res.summary["cost"]["total_tokens"] < 120 + per_call  # at most the one call that crossed the limit
+    assert 0 < res.summary["cost"]["total_tokens"] <= 2500  # never past the limit
     last = res.records[-1]
     assert last.end_reason == "budget" and len(last.steps) < 3 and last.errored
+
+
+@pytest.mark.parametrize(
+    "budget, total",
+    [
+        ({"max_tokens": 6000}, lambda cost: cost["total_tokens"] <= 6000),
+        # fake-model at $1000 per million tokens: $0.001 a token, so $6 is 6000 tokens
+        (
+            {"max_usd": 6.0, "prices": {"fake-model": {"prompt_per_m": 1000, "completion_per_m": 1000}}},
+            lambda cost: cost["total_usd"] <= 6.0,
+        ),
+    ],
+    ids=["max_tokens", "max_usd"],
+)
+def test_budgets_hold_with_eight_calls_in_flight(tmp_path, budget, total):
+    from retroformer.testing.vault_policy import vault_reply
+
+    with FakeOpenAIServer(reply=vault_reply, latency_s=0.05) as url:
+        llm = {"backend": "openai", "base_url": url, "model": "fake-model", "concurrency": 8}
+        data = {
+            "runs_dir": str(tmp_path / "runs"),
+            "trials": 3,
+            "concurrency": 8,
+            "export_dataset": False,
+            "env": {"name": "synthetic", "options": {"num_tasks": 32, "num_doors": 3}},
+            "actor": {"kind": "react", "llm": llm},
+            "reflector": {"llm": dict(llm, max_tokens=64)},
+            "budget": budget,
+        }
+        res = run_trials(from_dict(TrialsConfig, data), progress=False)
+    assert res.stopped_by_budget
+    cost = res.summary["cost"]
+    assert cost["calls"] > 8 and total(cost), cost
+
+
+def test_a_megabyte_error_message_is_stored_as_a_few_kilobytes(tmp_path):
+    with FakeOpenAIServer(faults=[Fault("500_huge")] * 4) as url:
+        llm = {"backend": "openai", "base_url": url, "model": "m", "max_retries": 3, "retry_backoff_s": 0.01}
+        res = run_trials(dataclasses.replace(trials_cfg(tmp_path, llm), trials=1), progress=False)
+    first = res.records[0]
+    assert first.errored and "HTTP 500 (" in first.error and "overloaded xxx" in first.error
+    assert len(first.error) <= 4 * 1024 + 100
+    assert max(len(r.to_json()) for r in res.records) < 16 * 1024
+
+
+def test_a_megabyte_environment_error_is_stored_as_a_few_kilobytes(tmp_path, monkeypatch):
+    from retroformer.envs.synthetic import VaultEnv
+    from retroformer.errors import EnvError
+
+    def failing_step(self, action):
+        raise EnvError("the server said: " + "y" * 1_000_000)
+
+    monkeypatch.setattr(VaultEnv, "step", failing_step)
+    cfg = from_dict(
+        TrialsConfig,
+        {
+            "runs_dir": str(tmp_path / "runs"),
+            "trials": 1,
+            "export_dataset": False,
+            "env": {"name": "synthetic", "options": {"num_tasks": 2}},
+            "actor": {"kind": "plan"},
+            "reflector": {"kind": "none"},
+        },
+    )
+    res = run_trials(cfg, progress=False)
+    assert all(r.errored and "the server said: yyy" in r.error for r in res.records)
+    assert max(len(r.error) for r in res.records) <= 4 * 1024 + 100
 
 
 # --- 9. which key goes where ------------------------------------------------------------------------------------------

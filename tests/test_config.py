@@ -41,7 +41,9 @@ def test_wrong_type_names_field_and_value():
 
 
 def test_invalid_value_fails_in_post_init():
-    with pytest.raises(ConfigError, match=r"trials must be >= 1, got 0"):
+    with pytest.raises(
+        ConfigError, match=r"trials must be in 1..1000 \(the paper uses at most 15 attempts per task\), got 0"
+    ):
         load_config(TrialsConfig, ["--trials", "0"])
     with pytest.raises(ConfigError, match=r"llm.concurrency must be >= 1"):
         load_config(TrialsConfig, ["--actor.llm.concurrency", "0"])

@@ -7,6 +7,7 @@ actor plays alone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -120,7 +121,7 @@ def test_an_actor_outage_stops_the_run_with_exit_3_and_a_rerun_completes_every_e
     # the first 3 requests fail (max_retries 0): tasks 0-2 error, then the breaker (3 in a row) stops the run
     server = FakeOpenAIServer(reply=vault_reply, faults=["500"] * 3)
     with server as url:
-        cfg = cfg_for(tmp_path, url, max_consecutive_errors=3)
+        cfg = cfg_for(tmp_path, url, max_consecutive_errors=3, outage_wait_s=0)
         res = run_trials(cfg, progress=False)
         assert res.new_episodes == 3 and all(r.end_reason == "llm_error" for r in res.records)
         assert (
@@ -144,6 +145,54 @@ def test_an_actor_outage_stops_the_run_with_exit_3_and_a_rerun_completes_every_e
     assert again.summary["num_episodes"] == 8 and again.summary["cumulative_success"] == [0.0, 1.0, 1.0]
     assert len(rated_reflection_rows(again.records)) == 4
     assert run_trials(cfg, progress=False).new_episodes == 0  # and nothing is left to do
+
+
+def outage_after(server: FakeOpenAIServer, requests: int, seconds: float):
+    """The vault's replies, and a total outage (503) of ``seconds`` from the ``requests``-th request on."""
+    count = itertools.count(1)
+
+    def reply(prompt: str) -> str:
+        if next(count) == requests:
+            server.outage(seconds)
+        return vault_reply(prompt)
+
+    return reply
+
+
+@pytest.fixture
+def quick_probes(monkeypatch):
+    import retroformer.trials as trials
+
+    monkeypatch.setattr(trials, "OUTAGE_PROBE_S", (0.05, 0.4))
+
+
+def test_an_outage_is_ridden_out_and_every_task_and_trial_recorded_once(tmp_path, quick_probes, caplog):
+    caplog.set_level("INFO", logger="retroformer")
+    server = FakeOpenAIServer(latency_s=0.01)
+    server.state.reply = outage_after(server, requests=6, seconds=2.0)
+    with server as url:
+        cfg = cfg_for(
+            tmp_path, url, max_consecutive_errors=3, concurrency=2, outage_wait_s=60, **{"env.options.num_tasks": 8}
+        )
+        res = run_trials(cfg, progress=False)
+    assert res.stopped_by_errors is None and not res.stopped_by_budget
+    assert any(r.errored for r in res.records)  # the outage did hit the run
+    assert_complete(res.records, tasks=8)  # each (task, trial) once, the last record of none errored
+    assert res.summary["errored_episodes"] == 0 and res.summary["cumulative_success"] == [0.0, 1.0, 1.0]
+    assert "pausing new episodes and probing" in caplog.text and "answers again after" in caplog.text
+    assert "re-attempting" in caplog.text
+
+
+def test_an_outage_longer_than_outage_wait_s_stops_the_run_with_exit_3(tmp_path, quick_probes, capsys):
+    server = FakeOpenAIServer()
+    server.state.reply = outage_after(server, requests=1, seconds=60.0)
+    with server as url:
+        data = cfg_dict(tmp_path, url, max_consecutive_errors=3, outage_wait_s=0.5)
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump(data))
+        assert cli_main(["trials", "--config", str(recipe)]) == 3
+    err = capsys.readouterr().err
+    assert "over 0.5 s of outage (outage_wait_s" in err and "run the same command again" in err
 
 
 def test_a_reflector_failure_is_written_by_the_rerun_and_the_task_goes_on(tmp_path):
@@ -261,6 +310,20 @@ def test_resume_with_a_changed_memory_size_is_refused_and_leaves_the_config_alon
         run_trials(cfg_for(tmp_path, trials=1, **{"actor.max_prompt_chars": 100}), progress=False)
     assert config_path(tmp_path / "runs" / "r").read_text() == before
     run_trials(cfg_for(tmp_path, trials=1, concurrency=3), progress=False)  # speed settings may change
+
+
+def test_resume_with_changed_environment_options_is_refused_naming_them_and_touches_nothing(tmp_path):
+    run_trials(cfg_for(tmp_path, trials=2), progress=False)
+    run = tmp_path / "runs" / "r"
+    config_before, records_before = config_path(run).read_bytes(), records_path(run).read_bytes()
+    changed = {"env.options": {"num_tasks": 4, "num_doors": 5, "wall_clue": True}}
+    with pytest.raises(ConfigError, match=r"env.options.num_doors: 3 -> 5; env.options.wall_clue: False -> True"):
+        run_trials(cfg_for(tmp_path, trials=3, **changed), progress=False)
+    assert config_path(run).read_bytes() == config_before
+    assert records_path(run).read_bytes() == records_before
+    # An option written out at its default is the same task list as the option left out.
+    same = {"env.options": {"num_tasks": 4, "num_doors": 3, "wall_clue": False, "seed": 0}}
+    run_trials(cfg_for(tmp_path, trials=2, **same), progress=False)
 
 
 def test_raising_trials_writes_the_missing_reflection_before_the_next_trial(tmp_path):

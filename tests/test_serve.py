@@ -258,3 +258,50 @@ def test_a_non_loopback_host_without_an_api_key_is_warned_about(tmp_path):
     env["SERVE_API_KEY"] = "k"
     out = subprocess.run(["bash", str(ROOT / "llm" / "serve.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "SERVE_API_KEY is not set" not in out.stderr
+
+
+def test_the_guard_answers_a_request_without_a_model_and_models_retrieve_in_openais_format():
+    import asyncio
+
+    import httpx
+    import httpx2
+    import openai
+
+    from retroformer.serving import ServedModelsGuard
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"the wrapped server"})
+
+    guard = ServedModelsGuard(app, ["base", "sft"])
+
+    async def raw():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://s") as client:
+            chat = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            completion = await client.post("/v1/completions", json={"model": None, "prompt": "p"})
+            return chat, completion
+
+    async def sdk():
+        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=guard))
+        client = openai.AsyncOpenAI(base_url="http://s/v1", api_key="k", max_retries=0, http_client=http)
+        try:
+            found = await client.models.retrieve("sft")
+            with pytest.raises(openai.NotFoundError) as missing:
+                await client.models.retrieve("ppo")
+            return found, missing.value
+        finally:
+            await client.close()
+
+    chat, completion = asyncio.run(raw())
+    for reply in (chat, completion):
+        assert reply.status_code == 400
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "model"
+        assert "you must provide a model parameter" in error["message"] and "base, sft" in error["message"]
+    found, missing = asyncio.run(sdk())
+    assert (found.id, found.object) == ("sft", "model")
+    assert missing.status_code == 404 and "'ppo' does not exist" in str(missing)
+    assert seen == []  # none of these reached the wrapped server

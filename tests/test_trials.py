@@ -12,9 +12,9 @@ from retroformer.agents.memory import memory_window
 from retroformer.agents.reflector import clean_reflection
 from retroformer.config import from_dict
 from retroformer.dataset import rated_reflection_rows
-from retroformer.errors import DataError, LLMError
+from retroformer.errors import ConfigError, DataError, LLMError
 from retroformer.llm import ScriptedLLM
-from retroformer.records import read_records
+from retroformer.records import config_path, read_records
 from retroformer.trials import TrialsConfig, dataset_path, records_path, run_trials
 from retroformer.types import RATED_REFLECTION_COLUMNS
 
@@ -221,9 +221,14 @@ def test_corrupt_line_in_the_middle_is_a_clear_error(tmp_path):
 
 
 def test_resume_refuses_a_different_task_list(tmp_path):
-    run_trials(make_cfg(tmp_path), progress=False)
+    first = run_trials(make_cfg(tmp_path), progress=False)
+    other = make_cfg(tmp_path, **{"env.options": {"num_tasks": 5, "num_doors": 3}})
+    with pytest.raises(ConfigError, match=r"env.options.num_tasks: \d+ -> 5"):
+        run_trials(other, progress=False)
+    # Without the saved config the records' own fingerprint still tells the task lists apart.
+    config_path(first.run_dir).unlink()
     with pytest.raises(DataError, match="another task list"):
-        run_trials(make_cfg(tmp_path, **{"env.options": {"num_tasks": 5, "num_doors": 3}}), progress=False)
+        run_trials(other, progress=False)
 
 
 def test_environment_failure_is_an_errored_episode_and_the_run_continues(tmp_path, monkeypatch):

@@ -193,7 +193,13 @@ def parse_record(record: dict[str, Any], where: str = "record") -> HotpotQuestio
 
 
 def _rows_from_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"HotPotQA data {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); expected the distractor "
+            "JSON or JSON Lines in UTF-8 (or a .parquet file): convert it, or point env.options.data_path at another file"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

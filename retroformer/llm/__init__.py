@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from retroformer.config import doc
 from retroformer.errors import ConfigError
@@ -59,9 +61,9 @@ class LLMConfig:
     timeout_s: float = doc("per-request timeout in seconds", 60.0)
     retry_backoff_s: float = doc("first retry delay in seconds; doubled per retry with jitter (at most 20 s)", 0.5)
     http_client: Literal["aiohttp", "httpx"] = doc(
-        "openai: the HTTP library under the SDK (retroformer.llm.transport). aiohttp: one aiohttp session, whose C "
-        "HTTP parser spends about two thirds of httpx's client CPU per call (bench/RESULTS.md section 7b); httpx: "
-        "the SDK's default library, with one keep-alive connection per request in flight",
+        "openai: the SDK's own HTTP client. aiohttp: openai.DefaultAioHttpClient (HTTP parsed in C, less client CPU "
+        "per call); httpx: the SDK's default httpx client. Both keep one connection alive per request in flight and "
+        "follow no redirects",
         "aiohttp",
     )
     # --- decoding ---
@@ -85,10 +87,14 @@ class LLMConfig:
         for name in ("concurrency", "max_tokens", "batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"llm.{name} must be >= 1, got {getattr(self, name)}")
-        if self.retry_backoff_s < 0 or self.timeout_s <= 0:
+        if not (math.isfinite(self.retry_backoff_s) and self.retry_backoff_s >= 0):
+            raise ConfigError(f"llm.retry_backoff_s must be a finite number >= 0, got {self.retry_backoff_s}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise ConfigError(
-                f"llm.retry_backoff_s must be >= 0 and llm.timeout_s > 0, got {self.retry_backoff_s}, {self.timeout_s}"
+                f"llm.timeout_s must be a finite number of seconds > 0 (it bounds every attempt), got {self.timeout_s}"
             )
+        if self.base_url is not None:
+            check_base_url(self.base_url, self.api_key_env)
         if self.max_retries < 0:
             raise ConfigError(f"llm.max_retries must be >= 0, got {self.max_retries}")
         if self.temperature < 0:
@@ -105,6 +111,30 @@ class LLMConfig:
     def sampling(self, stop: tuple[str, ...] = ()) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=stop, seed=self.seed
+        )
+
+
+def check_base_url(url: str, api_key_env: str | None = None) -> None:
+    """A ConfigError unless ``url`` is an http(s) URL with a host and without credentials. The error never repeats a
+    user name or password (nothing is written or logged with them: the config is refused before it is saved)."""
+    try:
+        parts = urlsplit(url)
+        has_credentials = parts.username is not None or parts.password is not None
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"llm.base_url is not a valid URL ({exc}); expected e.g. http://127.0.0.1:8000/v1") from None
+    if has_credentials:
+        shown = f"{parts.scheme}://***@{host}" if host else "the URL"
+        raise ConfigError(
+            f"llm.base_url holds a user name or password ({shown}...); credentials do not belong in a URL, where they "
+            "would be saved with the config and logged. Remove them and put the key in the environment variable that "
+            f"llm.api_key_env names (now {api_key_env or 'unset: set llm.api_key_env, e.g. MY_SERVER_KEY'}), e.g. in .env"
+        )
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(
+            f"llm.base_url={url!r} needs a scheme and a host (http:// or https://), e.g. http://127.0.0.1:8000/v1 or "
+            f"https://api.example.com/v1"
         )
 
 

@@ -80,5 +80,9 @@ class LLM(abc.ABC):
     async def generate(self, request: GenerationRequest) -> Completion:
         """Generate one completion; raise :class:`retroformer.errors.LLMError` after retries fail."""
 
+    def wind_down(self) -> None:  # noqa: B027 - optional hook
+        """The run is stopping (a signal): finish the calls in flight within one timeout, start no retries, and
+        refuse calls that could not finish by then. A backend without timeouts or retries ignores it."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections or models."""

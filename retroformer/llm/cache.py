@@ -141,5 +141,8 @@ class CachedLLM(LLM):
         )
         return completion
 
+    def wind_down(self) -> None:
+        self.inner.wind_down()
+
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -9,10 +9,10 @@ scripted, or served from a local address) cost 0; an unknown remote model costs 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from retroformer.errors import BudgetExceeded
@@ -160,17 +160,94 @@ class CostLedger:
             )
 
 
-class MeteredLLM(LLM):
-    """Wraps ``inner``: calls ``check()`` before each call (it raises :class:`BudgetExceeded` once a budget is spent)
-    and ``add(role, model_id, usage)`` after it, so that a budget stops the next call, not the next episode."""
+#: Tokens a chat template may add around a prompt (role markers, separators), on top of the prompt's own.
+TEMPLATE_TOKENS = 32
 
-    def __init__(
-        self, inner: LLM, role: str, add: Callable[[str, str, Usage], None], check: Callable[[], None]
-    ) -> None:
+
+def worst_case_usage(request: GenerationRequest) -> Usage:
+    """The most tokens one call of ``request`` can use: its prompt at one token per UTF-8 byte (a byte-level
+    tokenizer makes no more), plus :data:`TEMPLATE_TOKENS`, plus ``max_tokens`` of completion."""
+    prompt = len(request.prompt.encode()) + len((request.system or "").encode()) + TEMPLATE_TOKENS
+    return Usage(prompt_tokens=prompt, completion_tokens=request.params.max_tokens)
+
+
+class Budget:
+    """Limits on a :class:`CostLedger` that hold with many calls in flight: each call reserves its worst case
+    (:func:`worst_case_usage` at its model's price) before it is sent and settles it on its reply (the reservation
+    released, the real usage added). A call whose worst case does not fit waits while others are in flight (their
+    replies may leave room); with none in flight it raises :class:`BudgetExceeded`, and the budget is spent. So the
+    totals never pass ``max_tokens`` or ``max_usd``, at the price of stopping up to one call's worst case early.
+    For one event loop at a time."""
+
+    def __init__(self, ledger: CostLedger, max_tokens: int | None = None, max_usd: float | None = None) -> None:
+        self.ledger = ledger
+        self.max_tokens = max_tokens
+        self.max_usd = max_usd
+        self.reserved_tokens = 0
+        self.reserved_usd = 0.0
+        self.in_flight = 0
+        #: Why the budget cannot take another call, once it cannot.
+        self.spent: str | None = None
+        self._released: asyncio.Event | None = None
+
+    def check(self) -> None:
+        """Raise :class:`BudgetExceeded` once the totals reached a limit, or a call's worst case no longer fit."""
+        if self.spent is not None:
+            raise BudgetExceeded(self.spent)
+        self.ledger.check(self.max_tokens, self.max_usd)
+
+    def _fits(self, tokens: int, usd: float) -> bool:
+        ok_tokens = (
+            self.max_tokens is None or self.ledger.total_tokens + self.reserved_tokens + tokens <= self.max_tokens
+        )
+        ok_usd = self.max_usd is None or self.ledger.total_usd + self.reserved_usd + usd <= self.max_usd
+        return ok_tokens and ok_usd
+
+    async def reserve(self, role: str, model_id: str, worst: Usage) -> None:
+        """Hold ``worst`` against the limits until :meth:`settle`; wait for room, or raise :class:`BudgetExceeded`."""
+        self.check()
+        if self.max_tokens is None and self.max_usd is None:
+            return
+        tokens, usd = worst.total_tokens, usage_cost(model_id, worst, self.ledger.prices)
+        while not self._fits(tokens, usd):
+            if self.in_flight == 0:
+                self.spent = (
+                    f"budget reached: the next {role} call could use {tokens} tokens (${usd:.4f}) at most, more than "
+                    f"is left ({self.ledger.total_tokens} tokens, ${self.ledger.total_usd:.4f} spent; limits "
+                    f"{self.max_tokens} tokens, ${self.max_usd}); finished episodes are kept. Raise the budget or "
+                    "resume the run to continue"
+                )
+                raise BudgetExceeded(self.spent)
+            if self._released is None:
+                self._released = asyncio.Event()
+            self._released.clear()
+            await self._released.wait()
+        self.reserved_tokens += tokens
+        self.reserved_usd += usd
+        self.in_flight += 1
+
+    def settle(self, role: str, model_id: str, worst: Usage, used: Usage | None) -> None:
+        """Release the reservation of ``worst`` and add ``used`` (None: the call failed and used nothing known)."""
+        if used is not None:
+            self.ledger.add(role, model_id, used)
+        if self.max_tokens is None and self.max_usd is None:
+            return
+        self.reserved_tokens -= worst.total_tokens
+        self.reserved_usd -= usage_cost(model_id, worst, self.ledger.prices)
+        self.in_flight -= 1
+        if self._released is not None:
+            self._released.set()
+
+
+class MeteredLLM(LLM):
+    """Wraps ``inner``: each call reserves its worst case in ``budget`` before it is sent (it raises
+    :class:`BudgetExceeded` once the budget cannot take it) and settles it with the real usage on the reply, so that
+    a budget holds with calls in flight and stops the next call, not the next episode."""
+
+    def __init__(self, inner: LLM, role: str, budget: Budget) -> None:
         self.inner = inner
         self.role = role
-        self._add = add
-        self._check = check
+        self.budget = budget
 
     @property
     def model_id(self) -> str:  # type: ignore[override]
@@ -184,10 +261,18 @@ class MeteredLLM(LLM):
         return f"MeteredLLM({self.inner!r}, role={self.role!r})"
 
     async def generate(self, request: GenerationRequest) -> Completion:
-        self._check()
-        completion = await self.inner.generate(request)
-        self._add(self.role, completion.model_id, completion.usage)
-        return completion
+        worst = worst_case_usage(request)
+        await self.budget.reserve(self.role, self.model_id, worst)
+        completion = None
+        try:
+            completion = await self.inner.generate(request)
+            return completion
+        finally:
+            model_id = completion.model_id if completion is not None else self.model_id
+            self.budget.settle(self.role, model_id, worst, completion.usage if completion is not None else None)
+
+    def wind_down(self) -> None:
+        self.inner.wind_down()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

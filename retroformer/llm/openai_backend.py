@@ -1,36 +1,41 @@
 """OpenAI-compatible HTTP backend: OpenAI, vLLM, ``transformers serve``, ``llm/serve.sh``, any base URL.
 
+Requests go through the official SDK and its own HTTP client (``llm.http_client``: the SDK's ``DefaultAioHttpClient``
+by default, or its httpx client), built with the documented options only: redirects not followed, one keep-alive
+connection per request in flight, and an httpx response hook that turns a reply other than 2xx into an error here
+(reading at most :data:`MAX_ERROR_BODY_BYTES` of it). A completion's body is read through the SDK's
+``with_streaming_response`` in chunks, at most :data:`MAX_RESPONSE_BYTES` of it (decompressed), and parsed with
+:func:`json.loads`.
+
 The SDK's own retries are switched off (``max_retries=0``) so that one loop here decides what is retried, how long
 to wait, and what the final error says:
 
-- retried: timeouts (ours, and a server's 408), connection errors, 429 (its ``Retry-After`` is honoured, capped), 5xx, and replies that are
-  not a usable completion (body not JSON, no choices, null content), with exponential backoff and jitter, up to
-  ``cfg.max_retries`` retries; then :class:`~retroformer.errors.LLMError`;
-- not retried: any other 4xx (bad request, wrong key, unknown model) fails at once with a hint.
+- every attempt has a total deadline of ``llm.timeout_s`` (connect, send and the whole body), so a server that sends
+  its headers and then a byte at a time cannot hold a call for ever;
+- retried: timeouts (ours, and a server's 408), connection errors, 429 (its ``Retry-After`` is honoured, capped), 5xx,
+  and replies that are not a usable completion (body not JSON, no choices, null content), with exponential backoff
+  and jitter, up to ``cfg.max_retries`` retries; then :class:`~retroformer.errors.LLMError`;
+- not retried: a redirect (an API does not redirect its POSTs; following one would resend the key elsewhere: the
+  error names where it points), any other 4xx (bad request, wrong key, unknown model: an error with a hint), and a
+  reply larger than :data:`MAX_RESPONSE_BYTES`;
+- after :meth:`OpenAIBackend.wind_down` (a signal stops the run): no retries, and no call that could not end within
+  one ``timeout_s``.
 
 The API key is held privately and never appears in ``repr``, logs or error messages (messages are also scrubbed of
 it, in case a server echoes it back). The SDK itself reads a few ``OPENAI_*`` variables (organisation, project) when
 the client is created; base URL and key are always passed explicitly.
-
-Client CPU per call (measured in ``bench/RESULTS.md``, sections 7-7d): one SDK client per event loop, sending through
-:class:`~retroformer.llm.transport.DirectClient` (``llm.http_client``: aiohttp by default, or httpx), which builds the
-SDK's requests as they are and hands them straight to the transport. Requests go through the SDK's ``post`` (its
-documented way to reach any endpoint) to an absolute URL, with the JSON body built here as bytes, and the reply is
-parsed with :func:`json.loads`: this skips the SDK's typed-dict transform of the parameters and its pydantic parse of
-the response. The SDK's telemetry headers go only to OpenAI's own servers. Authentication, headers, timeouts and the
-error classes are still the SDK's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import itertools
 import json
 import logging
+import math
 import random
-import secrets
 import time
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -38,8 +43,7 @@ import httpx2
 import openai
 
 from retroformer.errors import ConfigError, LLMError
-from retroformer.llm.base import LLM, Completion, GenerationRequest, SamplingParams, apply_stop, is_openai_url
-from retroformer.llm.transport import AiohttpTransport, DirectClient, Lanes
+from retroformer.llm.base import LLM, Completion, GenerationRequest, apply_stop, is_openai_url
 from retroformer.types import Usage
 
 if TYPE_CHECKING:
@@ -52,13 +56,13 @@ MAX_SERVER_STOPS = 4
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: Key sent to local servers started without one (vLLM and ``transformers serve`` accept any key).
 PLACEHOLDER_KEY = "EMPTY"
-#: The SDK's telemetry headers (platform, versions, retry count, read timeout), meant for OpenAI's servers: left out
-#: for every other server, which ignores them; nine fewer headers to build, merge and send per request.
-_PLATFORM_HEADERS = (
-    "X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS", "X-Stainless-Arch", "X-Stainless-Runtime",
-    "X-Stainless-Runtime-Version", "X-Stainless-Async",
-)  # fmt: skip
-_PER_REQUEST_HEADERS = ("x-stainless-retry-count", "x-stainless-read-timeout")
+#: Most bytes of a completion's body (decompressed) that are read: a completion of thousands of tokens is tens of
+#: kilobytes; a larger reply (a broken server, a compression bomb) fails the call instead of filling the memory.
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+#: Most bytes of an error reply's body that are read: its message comes first; the rest is not kept.
+MAX_ERROR_BODY_BYTES = 16 * 1024
+#: Most characters of a server's error message kept in an error (and so in a record).
+MAX_MESSAGE_CHARS = 500
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
@@ -71,23 +75,42 @@ class _Retryable(Exception):
         self.delay_s = delay_s
 
 
+class _ErrorReply(Exception):
+    """A reply other than 2xx, raised by the HTTP client's response hook with the start of its body."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+def _seconds(text: str) -> float | None:
+    """A finite, non-negative number of seconds, or None (not a number, nan, inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return max(value, 0.0) if math.isfinite(value) else None
+
+
 def _retry_after_s(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), None if absent."""
+    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), None if absent or not a
+    finite number or date."""
     if headers is None:
         return None
     ms = headers.get("retry-after-ms")
     if ms is not None:
-        try:
-            return max(float(ms) / 1000.0, 0.0)
-        except ValueError:
-            logger.debug("ignoring unparsable retry-after-ms header %r", ms)
+        seconds = _seconds(ms)
+        if seconds is not None:
+            return seconds / 1000.0
+        logger.debug("ignoring unparsable retry-after-ms header %r", ms)
     value = headers.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass  # not a number of seconds: an HTTP date, or garbage
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
     try:
         parsed = email.utils.parsedate_to_datetime(value)
         return max(parsed.timestamp() - time.time(), 0.0)
@@ -96,21 +119,54 @@ def _retry_after_s(headers: Any) -> float | None:
         return None
 
 
-def _aiohttp_transport(base_url: str, concurrency: int) -> AiohttpTransport:
-    """:class:`AiohttpTransport`, or a :class:`ConfigError` that says how to install aiohttp when it is missing."""
+async def _read_at_most(chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes, bool]:
+    """The first ``limit`` bytes of ``chunks``, and whether there were more (the rest is not read)."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            return bytes(body[:limit]), True
+    return bytes(body), False
+
+
+async def _raise_error_reply(response: httpx2.Response) -> None:
+    """The HTTP client's response hook: a reply other than 2xx (a redirect, a 4xx, a 5xx) is read here, at most
+    :data:`MAX_ERROR_BODY_BYTES` of it, and raised as :class:`_ErrorReply` for the backend to map."""
+    if response.is_success:
+        return
     try:
-        return AiohttpTransport(base_url, concurrency)
-    except ImportError:
-        raise ConfigError(
-            "llm.http_client 'aiohttp' needs the aiohttp package, which is not installed: pip install "
-            "aiohttp==3.14.5 (requirements.txt pins it), or set llm.http_client: httpx"
-        ) from None
+        body, _ = await _read_at_most(response.aiter_bytes(), MAX_ERROR_BODY_BYTES)
+    finally:
+        await response.aclose()
+    raise _ErrorReply(response.status_code, response.headers, body)
 
 
-def _cause(exc: BaseException) -> str:
-    """What an SDK connection error wraps (the transport's own words), else the error itself."""
-    cause = exc.__cause__
-    return f"{type(cause).__name__}: {cause}" if cause is not None and str(cause) else str(exc)
+def _error_text(body: bytes) -> str:
+    """A server's error message: OpenAI's ``{"error": {"message": ...}}`` where it has one, else the body's text;
+    at most :data:`MAX_MESSAGE_CHARS` characters."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        text = error["message"]
+    elif isinstance(error, str):
+        text = error
+    text = " ".join(text.split()) or "empty body"
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
+
+
+def _lost_attempt(exc: BaseException, timeout_s: float) -> _Retryable:
+    """A timeout or a lost connection, named by the innermost error it wraps: the SDK's aiohttp client reports a
+    connection the server closed as a connect timeout, which it was not."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, (TimeoutError, asyncio.TimeoutError, httpx2.TimeoutException)):
+        return _Retryable(f"timed out after {timeout_s} s")
+    return _Retryable(f"connection error ({type(root).__name__}{': ' + str(root) if str(root) else ''})")
 
 
 def _count(value: Any) -> int:
@@ -142,15 +198,6 @@ class OpenAIBackend(LLM):
         self.style = cfg.style
         self.base_url = (cfg.base_url or OPENAI_BASE_URL).rstrip("/")
         host = urlparse(self.base_url).hostname or ""
-        # Absolute URLs: the SDK then parses a URL once per request instead of merging a path into its base URL.
-        self._url = self.base_url + ("/chat/completions" if cfg.style == "chat" else "/completions")
-        openai_server = is_openai_url(self.base_url)
-        self._default_headers = None if openai_server else {name: openai.Omit() for name in _PLATFORM_HEADERS}
-        self._request_headers: dict[str, Any] = (
-            {} if openai_server else {name: openai.Omit() for name in _PER_REQUEST_HEADERS}
-        )
-        # Each request's idempotency key, unique without a uuid4 (os.urandom) per request as the SDK would draw.
-        self._idempotency_keys = map(f"retroformer-{secrets.token_hex(8)}-{{}}".format, itertools.count())
         self.model_id = cfg.model if cfg.base_url is None else f"{cfg.model}@{host}"
         self.key_env = cfg.key_env()
         if not api_key:
@@ -168,10 +215,13 @@ class OpenAIBackend(LLM):
         self.max_retry_after_s = max_retry_after_s
         self._client: Any = None
         self._given_transport = transport
-        self._transport: httpx2.AsyncBaseTransport | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task] = set()  # earlier event loops' clients being closed
+        self._closer: Any = None  # see _bind
+        #: Set by :meth:`wind_down`: the event-loop time by which every call must end; retries stop at once.
+        self._stop_at: float | None = None
+        self._winding_down: asyncio.Event | None = None
         self.usage = Usage()
 
     @property
@@ -188,48 +238,69 @@ class OpenAIBackend(LLM):
     def _scrub(self, text: str) -> str:
         return text.replace(self.__key, "***") if self.__key and self.__key != PLACEHOLDER_KEY else text
 
-    def _bind(self) -> tuple[Any, asyncio.Semaphore]:
+    def _http_client(self) -> httpx2.AsyncClient:
+        """The SDK's own HTTP client (``llm.http_client``), or a plain httpx client over the given transport: redirects
+        not followed, a keep-alive connection per request in flight, and error replies read by the response hook."""
+        options: dict[str, Any] = {
+            "timeout": self.cfg.timeout_s,
+            "follow_redirects": False,
+            "limits": httpx2.Limits(
+                max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency
+            ),
+            "event_hooks": {"response": [_raise_error_reply]},
+        }
+        if self._given_transport is not None:
+            return httpx2.AsyncClient(transport=self._given_transport, **options)
+        if self.cfg.http_client == "httpx":
+            return openai.DefaultAsyncHttpxClient(**options)
+        try:
+            return openai.DefaultAioHttpClient(**options)
+        except RuntimeError as exc:  # the SDK's words when aiohttp is not installed
+            raise ConfigError(
+                f"llm.http_client 'aiohttp' cannot be used ({exc}): pip install aiohttp==3.14.5 (requirements.txt "
+                "pins it), or set llm.http_client: httpx"
+            ) from None
+
+    async def _bind(self) -> tuple[Any, asyncio.Semaphore]:
         """The client and semaphore of the running loop, (re)created when the loop changes (e.g. a new asyncio.run)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._client is None or self._semaphore is None:
             if self._client is not None and self._given_transport is None:
-                # The client of an earlier event loop (a new asyncio.run): closed from this one, so that its sessions
-                # are released instead of reported as leaked ("Unclosed client session") when they are collected. (A
-                # given transport is the caller's, and the new client sends through it too.)
+                # The client of an earlier event loop that was not closed with it (a loop run without asyncio.run):
+                # closed from this one, as far as a closed loop allows.
                 closing = loop.create_task(self._close_client(self._client))
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
-            if self._given_transport is not None:
-                self._transport = self._given_transport
-            elif self.cfg.http_client == "aiohttp":
-                self._transport = _aiohttp_transport(self.base_url, self.cfg.concurrency)
-            else:
-                self._transport = Lanes(self.base_url)
-            http_client = DirectClient(self._transport, self.cfg.timeout_s)
             self._client = openai.AsyncOpenAI(
                 base_url=self.base_url,
                 api_key=self.__key,
                 max_retries=0,
                 timeout=self.cfg.timeout_s,
-                http_client=http_client,
-                default_headers=self._default_headers,
+                http_client=self._http_client(),
             )
             self._semaphore = asyncio.Semaphore(self.cfg.concurrency)
+            self._winding_down = asyncio.Event()
+            if self._stop_at is not None:
+                self._winding_down.set()
             self._loop = loop
+            # Closes the client when its loop ends without aclose(): asyncio.run closes every open async generator
+            # (loop.shutdown_asyncgens) before it closes the loop, so the connections are released in their own loop
+            # instead of being reported as leaked ("Unclosed connector") when collected.
+            self._closer = self._close_with_loop(self._client)
+            await self._closer.__anext__()
         return self._client, self._semaphore
 
-    def _options(self) -> dict[str, Any]:
-        """The SDK's per-request options, each given: the SDK deep-copies the default of every option left out, on
-        every request. The values are the client's own (no retries of the SDK's, the configured timeout)."""
-        return {
-            "headers": self._request_headers,
-            "params": {},
-            "max_retries": 0,
-            "timeout": self.cfg.timeout_s,
-            "idempotency_key": next(self._idempotency_keys),
-        }
+    async def _close_with_loop(self, client: Any) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if self._client is client:
+                self._client = None
+            await self._close_client(client)
 
-    def _kwargs(self, params: SamplingParams) -> dict[str, Any]:
+    def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """The arguments of the SDK's ``create`` for ``request``."""
+        params = request.params
         kwargs: dict[str, Any] = {
             "model": self.cfg.model,
             "max_tokens": params.max_tokens,
@@ -241,51 +312,58 @@ class OpenAIBackend(LLM):
             kwargs["stop"] = stops
         if params.seed is not None:
             kwargs["seed"] = params.seed
+        if self.style == "chat":
+            messages = [{"role": "system", "content": request.system}] if request.system else []
+            messages.append({"role": "user", "content": request.prompt})
+            kwargs["messages"] = messages
+        else:
+            kwargs["prompt"] = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
         return kwargs
 
     async def _attempt(self, client: Any, request: GenerationRequest) -> tuple[str, str, Usage]:
         """One request; returns (text, finish_reason, usage) or raises _Retryable / LLMError."""
-        body = self._kwargs(request.params)
-        if self.style == "chat":
-            messages = [{"role": "system", "content": request.system}] if request.system else []
-            messages.append({"role": "user", "content": request.prompt})
-            body["messages"] = messages
-        else:
-            body["prompt"] = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
+        endpoint = client.chat.completions if self.style == "chat" else client.completions
         try:
-            # The body as JSON bytes (content=): the SDK sends them as they are instead of serialising a mapping its own way.
-            # cast_to=httpx2.Response: the SDK hands back the response it read, without wrapping or parsing it.
-            response = await client.post(
-                self._url, content=json.dumps(body).encode(), cast_to=httpx2.Response, options=self._options()
-            )
-            data = json.loads(response.content)
-        except openai.APITimeoutError as exc:
-            raise _Retryable(f"timed out after {self.cfg.timeout_s} s") from exc
-        except openai.APIConnectionError as exc:
-            raise _Retryable(f"connection error ({_cause(exc)})") from exc
-        except openai.RateLimitError as exc:
-            raise _Retryable("HTTP 429 rate limited", _retry_after_s(exc.response.headers)) from exc
-        except openai.APIStatusError as exc:
-            # 408 is the server's own request timeout: as transient as ours. A 503's Retry-After is honoured too.
-            if exc.status_code >= 500 or exc.status_code == 408:
-                delay = _retry_after_s(exc.response.headers) if exc.response is not None else None
-                raise _Retryable(f"HTTP {exc.status_code} ({exc.message})", delay) from exc
-            location = exc.response.headers.get("location") if exc.response is not None else None
-            raise LLMError(self._fatal_message(exc.status_code, exc.message, location)) from None
-        except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as exc:
+            # The body is read here, in chunks and at most MAX_RESPONSE_BYTES of it, and parsed with json.loads (the
+            # SDK's pydantic parse is not needed: _parse checks the fields used).
+            async with endpoint.with_streaming_response.create(**self._kwargs(request)) as response:
+                body, too_large = await _read_at_most(response.iter_bytes(), MAX_RESPONSE_BYTES)
+        except _ErrorReply as reply:
+            raise self._status_error(reply) from None
+        except (openai.APIConnectionError, httpx2.TransportError) as exc:  # APITimeoutError included
+            raise _lost_attempt(exc, self.cfg.timeout_s) from exc
+        except httpx2.DecodingError as exc:  # a compressed body that does not decompress
             raise _Retryable(f"malformed response body ({type(exc).__name__}: {exc})") from exc
-        except LLMError:
-            raise
         except Exception as exc:
-            # Whatever else a request raises (an SDK or transport surprise) ends this call as an LLMError, so that the
-            # episode is recorded as llm_error and the run goes on, instead of the whole run crashing.
+            # Whatever else a request raises (an SDK or HTTP library surprise) ends this call as an LLMError, so that
+            # the episode is recorded as llm_error and the run goes on, instead of the whole run crashing.
             raise LLMError(
                 self._scrub(
                     f"{self.style} request to {self.base_url} for model {self.cfg.model!r} raised "
                     f"{type(exc).__name__}: {exc}; not retried. Check the server and the client library version"
                 )
             ) from None
+        if too_large:
+            raise LLMError(
+                f"{self.style} request to {self.base_url} for model {self.cfg.model!r}: the reply is larger than "
+                f"{MAX_RESPONSE_BYTES} bytes, far more than a completion of llm.max_tokens={self.cfg.max_tokens} "
+                "tokens; not retried. Check what answers at llm.base_url"
+            )
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _Retryable(f"malformed response body ({type(exc).__name__}: {exc})") from exc
         return self._parse(data)
+
+    def _status_error(self, reply: _ErrorReply) -> Exception:
+        """The error of a reply other than 2xx: retryable (429, 408, 5xx, honouring ``Retry-After``) or fatal."""
+        message = _error_text(reply.body)
+        if reply.status == 429:
+            return _Retryable(f"HTTP 429 rate limited ({message})", _retry_after_s(reply.headers))
+        # 408 is the server's own request timeout: as transient as ours. A 503's Retry-After is honoured too.
+        if reply.status >= 500 or reply.status == 408:
+            return _Retryable(f"HTTP {reply.status} ({message})", _retry_after_s(reply.headers))
+        return LLMError(self._fatal_message(reply.status, message, reply.headers.get("location")))
 
     def _parse(self, data: Any) -> tuple[str, str, Usage]:
         """(text, finish_reason, usage) of a completion's JSON; a reply without a usable completion is retryable."""
@@ -334,22 +412,61 @@ class OpenAIBackend(LLM):
         delay = min(self.max_backoff_s, self.backoff_s * (2**retry))
         return delay * (0.5 + 0.5 * random.random())
 
+    def wind_down(self) -> None:
+        """Finish the calls in flight within one ``timeout_s`` from now, start no retries, refuse calls that could not
+        finish by then (a signalled run then exits within about one timeout, inside a cluster's grace period)."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic() + self.cfg.timeout_s
+        if self._winding_down is not None:
+            self._winding_down.set()
+
+    def _time_left(self) -> float:
+        """Seconds this attempt may take: ``timeout_s``, less while winding down; an LLMError when none is left."""
+        if self._stop_at is None:
+            return self.cfg.timeout_s
+        left = min(self.cfg.timeout_s, self._stop_at - time.monotonic())
+        if left <= 0:
+            raise LLMError(
+                f"{self.style} request to {self.base_url} for model {self.cfg.model!r} not sent: the run is stopping "
+                "(a signal) and no call may start that could not end within llm.timeout_s of it; a rerun resumes"
+            )
+        return left
+
+    async def _attempt_in_time(self, client: Any, semaphore: asyncio.Semaphore, request: GenerationRequest):
+        """One attempt under a total deadline (connect, send and the whole body), not a per-read timeout: a server
+        that sends its headers and then a byte a second is cut off too. The wait for a free slot is not counted."""
+        async with semaphore:
+            limit = self._time_left()
+            try:
+                return await asyncio.wait_for(self._attempt(client, request), limit)
+            except asyncio.TimeoutError:
+                raise _Retryable(
+                    f"timed out after {limit:.3g} s without a complete reply (llm.timeout_s bounds the whole attempt)"
+                ) from None
+
+    async def _wait_before_retry(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; False at once if the run starts winding down meanwhile (no retry then)."""
+        assert self._winding_down is not None
+        if self._winding_down.is_set():
+            return False
+        try:
+            await asyncio.wait_for(self._winding_down.wait(), delay)
+        except asyncio.TimeoutError:
+            return True
+        return False
+
     async def generate(self, request: GenerationRequest) -> Completion:
-        client, semaphore = self._bind()
+        client, semaphore = await self._bind()
         attempts = self.cfg.max_retries + 1
         failures: list[str] = []
         for attempt in range(attempts):
             try:
-                async with semaphore:
-                    text, finish, usage = await self._attempt(client, request)
+                text, finish, usage = await self._attempt_in_time(client, semaphore, request)
             except _Retryable as fault:
                 failures.append(fault.what)
                 if attempt + 1 >= attempts:
                     break
-                if fault.delay_s is not None:
-                    delay = min(fault.delay_s, self.max_retry_after_s)
-                else:
-                    delay = self._backoff(attempt)
+                delay = self._backoff(attempt) if fault.delay_s is None else min(fault.delay_s, self.max_retry_after_s)
                 logger.info(
                     "%s: attempt %d/%d failed (%s); retrying in %.3f s",
                     self.model_id,
@@ -358,7 +475,13 @@ class OpenAIBackend(LLM):
                     self._scrub(fault.what),
                     delay,
                 )
-                await asyncio.sleep(delay)
+                if not await self._wait_before_retry(delay):
+                    raise LLMError(
+                        self._scrub(
+                            f"{self.style} request to {self.base_url} for model {self.cfg.model!r} failed "
+                            f"({failures[-1]}) and was not retried: the run is stopping (a signal); a rerun resumes"
+                        )
+                    ) from None
                 continue
             self.usage.add(usage)
             return Completion(
@@ -379,9 +502,11 @@ class OpenAIBackend(LLM):
             logger.debug("%s: closing a client of a closed event loop: %s", self.model_id, exc)
 
     async def aclose(self) -> None:
+        closer, self._closer = self._closer, None
+        if closer is not None and self._loop is asyncio.get_running_loop():
+            await closer.aclose()  # closes the client (see _bind)
         if self._client is not None:
             await self._close_client(self._client)
-            self._client = None
-            self._transport = None
-            self._semaphore = None
-            self._loop = None
+        self._client = None
+        self._semaphore = None
+        self._loop = None

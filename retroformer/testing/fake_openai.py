@@ -13,7 +13,9 @@ with a 400 as OpenAI does. Faults are scripted: each request consumes the next e
 
 Fault kinds: ``timeout`` (hold the request past the client's timeout), ``429`` (with ``Retry-After``), ``500``,
 ``503``, ``408``, ``400``, ``401``, ``reset`` (close the socket without a response), ``malformed`` (200 with a body that is
-not JSON), ``empty`` (200 with no choices), ``null_content`` (200 with a choice whose content is null).
+not JSON), ``empty`` (200 with no choices), ``null_content`` (200 with a choice whose content is null), ``drip`` (200
+headers, then one byte of the body per ``drip_interval_s`` until the client leaves: no read ever times out),
+``500_huge`` (a 500 whose error message is a megabyte long).
 
 ``outage(seconds)`` answers every request of a time window with one fault kind (a total outage).
 
@@ -36,7 +38,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FAULT_KINDS = ("ok", "timeout", "429", "500", "503", "400", "401", "408", "reset", "malformed", "empty", "null_content")
+FAULT_KINDS = (
+    "ok", "timeout", "429", "500", "503", "400", "401", "408", "reset", "malformed", "empty", "null_content", "drip",
+    "500_huge",
+)  # fmt: skip
 
 #: OpenAI rejects requests with more than this many stop sequences.
 MAX_STOP_SEQUENCES = 4
@@ -92,6 +97,7 @@ class _State:
     latency_s: float
     timeout_hold_s: float
     faults: list[Fault]
+    drip_interval_s: float = 0.2
     lock: threading.Lock = field(default_factory=threading.Lock)
     stopping: threading.Event = field(default_factory=threading.Event)
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -136,6 +142,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close_connection = True
         self.connection.close()
+
+    def _drip(self, state: _State) -> None:
+        """A 200 whose body comes one byte per ``drip_interval_s``, for as long as the client reads (or the server
+        stops): each read gets a byte well within any per-read timeout."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(1 << 30))
+        self.end_headers()
+        self.wfile.flush()
+        while not state.stopping.wait(state.drip_interval_s):
+            self.wfile.write(b" ")
+            self.wfile.flush()
 
     # --- endpoints ---
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
@@ -191,6 +209,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "reset":
             self._reset()
             return
+        if fault.kind == "drip":
+            self._drip(state)
+            return
         if state.latency_s > 0:
             state.stopping.wait(state.latency_s)
         if fault.kind == "429":
@@ -200,6 +221,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "503":  # overloaded servers send Retry-After with a 503 too
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             self._error(503, "scripted 503 (fake)", "server_error", headers)
+            return
+        if fault.kind == "500_huge":
+            self._error(500, "overloaded " + "x" * 1_000_000, "server_error")
             return
         if fault.kind in ("500", "400", "401", "408"):
             self._error(int(fault.kind), f"scripted {fault.kind} (fake)", "server_error")

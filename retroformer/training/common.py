@@ -87,16 +87,19 @@ def check_dataset_paths(paths: str | Sequence[str], field_name: str = "dataset")
     out = dataset_paths(paths)
     for p in out:
         path = Path(p)
-        if not path.is_dir():
-            raise DataError(
-                f"{field_name}: {p!r} does not exist; pass a directory written by Dataset.save_to_disk, e.g. "
-                "runs/<run>/datasets/rated_reflections from the trial loop"
-            )
-        if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
-            raise DataError(
-                f"{field_name}: {p!r} is not a saved Hugging Face dataset (no dataset_info.json); write it with "
-                "Dataset.save_to_disk"
-            )
+        if not path.exists():
+            got = "does not exist"
+        elif not path.is_dir():
+            got = f"is a file ({path.suffix or 'no suffix'}), not a dataset directory"
+        elif not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
+            got = "is a directory but not a saved Hugging Face dataset (no dataset_info.json)"
+        else:
+            continue
+        raise DataError(
+            f"{field_name}: {p!r} {got}; pass a dataset directory: the rated reflections a trials run exports "
+            "(runs/<run>/datasets/rated_reflections, or <data_dir>/rated_reflections), or one made from a file of "
+            "rated reflections with `retroformer import-ratings FILE --out DIR`"
+        )
     return out
 
 
