@@ -92,7 +92,7 @@ class Preset:
 
 PRESETS = {
     "full": Preset(256, 256, 24, 2, 40, 16, 4, MODES),
-    "demo": Preset(128, 64, 16, 1, 12, 4, 2, ("greedy",)),
+    "demo": Preset(128, 64, 24, 1, 12, 8, 4, ("greedy",)),
 }
 
 
@@ -304,21 +304,28 @@ def rm_accuracy(reward_dir: Path, results: dict[str, TaskResult], prompts: dict[
     """The reward model on held-out prompts: is the revealed door scored above each wrong door, in each wording?"""
     from retroformer.training.reward import load_reward_model
 
-    score = load_reward_model(str(reward_dir))
-    out: dict = {}
-    wins_all = pairs_all = 0
+    score = load_reward_model(str(reward_dir), batch_size=64)
+    groups = []  # (wording, number of candidates); candidates: the revealed door first, then each wrong door
+    batch_prompts, batch_texts = [], []
     for wording in RM_WORDINGS:
-        wins = pairs = 0
         for task_id in sorted(results):
             doors, answer = tasks[task_id].payload["doors"], tasks[task_id].payload["answer"]
             texts = [wording.format(door=answer)] + [wording.format(door=d) for d in doors if d != answer]
-            s = score([prompts[task_id]] * len(texts), texts)
-            wins += sum(s[0] > w for w in s[1:])
-            pairs += len(texts) - 1
-        out[wording] = wins / pairs
-        wins_all, pairs_all = wins_all + wins, pairs_all + pairs
-    out["all"] = wins_all / pairs_all
-    out["pairs"] = pairs_all
+            batch_prompts += [prompts[task_id]] * len(texts)
+            batch_texts += texts
+            groups.append((wording, len(texts)))
+    scores = score(batch_prompts, batch_texts)  # one call: the scorer batches
+    wins = collections.Counter()
+    pairs = collections.Counter()
+    at = 0
+    for wording, n in groups:
+        s = scores[at : at + n]
+        at += n
+        wins[wording] += sum(s[0] > w for w in s[1:])
+        pairs[wording] += n - 1
+    out: dict = {w: wins[w] / pairs[w] for w in RM_WORDINGS}
+    out["all"] = sum(wins.values()) / sum(pairs.values())
+    out["pairs"] = sum(pairs.values())
     return out
 
 
@@ -407,6 +414,8 @@ def curves(root: Path, pipe: Pipeline, tasks: dict, ids: list[str], out: dict) -
             points.append((0, statistics.fmean(sft[t].success for t in ids),
                            sum(sft[t].door == "right" for t in ids) / len(ids)))  # fmt: skip
         for it in pipe.checkpoints():
+            if not records_path(root / f"curve-{cond}-{it}").is_file():
+                continue  # a checkpoint left unevaluated (its step marked done without running)
             r = read_eval(root / f"curve-{cond}-{it}", tasks)
             points.append(
                 (it, statistics.fmean(r[t].success for t in ids), sum(r[t].door == "right" for t in ids) / len(ids))
@@ -433,7 +442,9 @@ def markdown(result: dict) -> str:
         "Written by `bench/real_reflector.py` (its docstring has the protocol; recipes in `experiments/reflector/`); "
         "every number below comes from its run. Reflector: SmolLM2-135M-Instruct (LoRA r = 8 on q and v for SFT, "
         "the reward model and PPO). Actor: the vault's plan-following actor, random retry, no wall clue. Held-out: "
-        f"{seeds[0]['num_heldout_tasks']} vault tasks per seed (env seed 9000 + seed), never trained on. Every task fails "
+        f"{seeds[0]['num_heldout_tasks']} vault tasks per seed (env seeds "
+        f"{', '.join(str(s['env_seeds']['heldout']) for s in seeds)}; training tasks: env seeds "
+        f"{', '.join(str(s['env_seeds']['train']) for s in seeds)}), never trained on. Every task fails "
         "trial 0; success at trial 1 is the first reflection's effect. A reflection naming the revealed door always "
         "succeeds, a wrong door never, no door is a blind retry (1 in 3).",
         "",
