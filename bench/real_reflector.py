@@ -41,10 +41,10 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -230,6 +230,14 @@ class Pipeline:
         return [*self.training_steps(), *self.eval_steps()]
 
 
+def load_demo():
+    """experiments/demo/run_demo.py, whose helpers run a step as a logged subprocess."""
+    spec = importlib.util.spec_from_file_location("run_demo", ROOT / "experiments" / "demo" / "run_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_steps(pipe: Pipeline, threads: int, log=print) -> dict[str, float]:
     """Run the steps not yet marked done, one subprocess each (log in ``<seed dir>/logs``); returns their wall times.
 
@@ -240,23 +248,17 @@ def run_steps(pipe: Pipeline, threads: int, log=print) -> dict[str, float]:
     (root / "done").mkdir(exist_ok=True)
     timings_path = root / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
-           "RETROFORMER_LOG_LEVEL": os.environ.get("RETROFORMER_LOG_LEVEL", "WARNING")}  # fmt: skip
+    demo = load_demo()
+    env = demo.offline_env(OMP_NUM_THREADS=str(threads))
     steps = pipe.steps()
     for i, (key, title, argv) in enumerate(steps, start=1):
         if (root / "done" / key).is_file():
             continue
-        shown = " ".join(shlex.quote(a) for a in argv).replace(sys.executable, "python")
         path = root / "logs" / f"{key}.log"
         t0 = time.perf_counter()
-        with path.open("a", encoding="utf-8") as out:
-            out.write(f"$ {shown}\n")
-            out.flush()
-            proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            tail = "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
-            raise SystemExit(f"{tail}\n\nseed {pipe.seeds.seed}, step {key} failed (exit {proc.returncode}); the whole "
+        code, shown, tail = demo.run_logged(argv, path, env, mode="a")
+        if code != 0:
+            raise SystemExit(f"{tail}\n\nseed {pipe.seeds.seed}, step {key} failed (exit {code}); the whole "
                              f"log is {path}; rerun with --resume to continue\n$ {shown}")  # fmt: skip
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
         timings_path.write_text(json.dumps(timings, indent=1) + "\n")

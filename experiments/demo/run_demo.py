@@ -140,6 +140,33 @@ def pipeline(workdir: str, seed: int, tiny: str | None = None) -> list[tuple[str
     ]  # fmt: skip
 
 
+def offline_env(**extra: str) -> dict[str, str]:
+    """The process environment of a step: offline, quiet tokenizers, the log level of ``RETROFORMER_LOG_LEVEL``."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RETROFORMER_LOG_LEVEL": os.environ.get("RETROFORMER_LOG_LEVEL", "WARNING"),
+        **extra,
+    }
+
+
+def run_logged(argv: list[str], path: Path, env: dict[str, str], mode: str = "w") -> tuple[int, str, str]:
+    """Run ``argv`` from the repository root with its output in ``path`` (after the command line); returns the exit
+    code, the command as shown, and the last 40 lines of the log."""
+    shown = " ".join(shlex.quote(a) for a in argv).replace(sys.executable, "python")
+    with path.open(mode, encoding="utf-8") as out:
+        out.write(f"$ {shown}\n")
+        out.flush()
+        proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    tail = (
+        "" if proc.returncode == 0 else "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:])
+    )
+    return proc.returncode, shown, tail
+
+
 def run_steps(
     steps: list[tuple[str, list[str]]], log_dir: str | Path, log=print, progress: bool = True
 ) -> list[tuple[str, float]]:
@@ -149,32 +176,20 @@ def run_steps(
     """
     from tqdm.auto import tqdm
 
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "RETROFORMER_LOG_LEVEL": os.environ.get("RETROFORMER_LOG_LEVEL", "WARNING"),
-    }
+    env = offline_env()
     log_dir = ROOT / log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     timings = []
     bar = tqdm(total=len(steps), unit="step", disable=not progress, leave=False)
     say = bar.write if progress else log
     for i, (title, argv) in enumerate(steps, start=1):
-        shown = " ".join(shlex.quote(a) for a in argv).replace(sys.executable, "python")
         path = log_dir / f"{i:02d}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.log"
         bar.set_description(title)
         t0 = time.perf_counter()
-        with path.open("w", encoding="utf-8") as out:
-            out.write(f"$ {shown}\n")
-            out.flush()
-            proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
+        code, shown, tail = run_logged(argv, path, env)
+        if code != 0:
             bar.close()
-            tail = "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:])
-            raise SystemExit(f"{tail}\n\nstep {i} ({title}) failed with exit code {proc.returncode}: the end of its "
+            raise SystemExit(f"{tail}\n\nstep {i} ({title}) failed with exit code {code}: the end of its "
                              f"log is above, the whole log in {path}\n$ {shown}")  # fmt: skip
         timings.append((title, time.perf_counter() - t0))
         say(f"step {i:2d}/{len(steps)}  {title:<45s} {timings[-1][1]:6.1f} s")
