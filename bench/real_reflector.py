@@ -564,6 +564,18 @@ def examples_section(seed: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def merged_seeds(out: Path, result: dict) -> list[dict]:
+    """This run's seeds, plus those of an earlier run of the same sizes in ``out`` that this one did not run (a seed
+    run in a later session joins the ones before it), in seed order."""
+    seeds = {s["seed"]: s for s in result["seeds"]}
+    if out.is_file():
+        earlier = json.loads(out.read_text())
+        if earlier.get("preset") == result["preset"] and earlier.get("calibration") == result["calibration"]:
+            for s in earlier["seeds"]:
+                seeds.setdefault(s["seed"], s)
+    return [seeds[k] for k in sorted(seeds)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -604,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
     }
     out = Path(args.out)
+    result["seeds"] = merged_seeds(out, result)
     out.write_text(json.dumps(result, indent=1) + "\n")
     md = out.with_name("REAL_REFLECTOR.md" if out.name == "real_reflector.json" else out.stem + ".md")
     md.write_text(markdown(result))

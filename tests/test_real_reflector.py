@@ -52,3 +52,16 @@ def test_ppo_names_the_revealed_door_more_often_than_the_frozen_model(tmp_path):
     assert test["p"] < 0.05, test
     assert seed["distinct_reflections"]["ppo_env"] > 3  # not one constant sentence
     assert seed["control"]["min_p"] > 0.05  # blind to its memory, the actor makes every reflector tie
+
+
+def test_a_later_seed_joins_the_earlier_ones_of_the_same_sizes(tmp_path):
+    bench = _bench()
+    out = tmp_path / "r.json"
+    preset = {"train_tasks": 1}
+    out.write_text(json.dumps({"preset": preset, "calibration": False, "seeds": [{"seed": 0, "x": 1}, {"seed": 1}]}))
+    merged = bench.merged_seeds(
+        out, {"preset": preset, "calibration": False, "seeds": [{"seed": 2}, {"seed": 1, "x": 2}]}
+    )
+    assert [s["seed"] for s in merged] == [0, 1, 2] and merged[1]["x"] == 2  # this run's seed 1 replaces the old one
+    other = bench.merged_seeds(out, {"preset": {"train_tasks": 2}, "calibration": False, "seeds": [{"seed": 2}]})
+    assert [s["seed"] for s in other] == [2]  # other sizes: not mixed
