@@ -45,6 +45,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -57,7 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retroformer.envs.synthetic import CLUE_TEMPLATE, SyntheticSuite, planned_door  # noqa: E402
+from retroformer.envs.synthetic import CLUE_TEMPLATE, DOOR_NAMES, SyntheticSuite, planned_door  # noqa: E402
 from retroformer.records import read_records, records_path  # noqa: E402
 from retroformer.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval  # noqa: E402
 
@@ -75,6 +76,7 @@ CONDITIONS = {  # key -> label
 MODES = ("greedy", "sampled")
 TEMPERATURE = 0.8  # collection, PPO's samples and the sampled evaluation
 #: Wordings of the reward model's held-out check: the format the SFT model writes, and the vault's example wording.
+DOOR_WORD = re.compile(r"\b(" + "|".join(DOOR_NAMES) + r")\b", re.IGNORECASE)
 RM_WORDINGS = ("The way out is the {door} door.", CLUE_TEMPLATE)
 
 
@@ -369,6 +371,9 @@ def analyse_seed(pipe: Pipeline, timings: dict[str, float]) -> dict:
         }
         texts = {c: collections.Counter(res[k][t].reflection for t in ids) for c, k in keys.items()}
         out[f"distinct_reflections{suffix}"] = {c: len(texts[c]) for c in conds}
+        # the same count with every door name masked: a reflection that copies the door is one template per wording
+        masked = {c: {DOOR_WORD.sub("<door>", res[k][t].reflection) for t in ids} for c, k in keys.items()}
+        out[f"distinct_templates{suffix}"] = {c: len(masked[c]) for c in conds}
         out[f"most_common{suffix}"] = {c: texts[c].most_common(3) for c in conds}
     greedy = out["paired_ppo_env"] if "ppo_env" in conds else {}
     out["p_ppo_env_vs_frozen_few"] = greedy.get("frozen_few", {}).get("p")
@@ -465,7 +470,7 @@ def markdown(result: dict) -> str:
             mean = statistics.fmean(s[f"success_trial1{suffix}"][c] for s in seeds)
             lines.append(f"| {CONDITIONS[c]} | " + " | ".join(cells) + f" | {mean:.3f} |")
         lines += ["", f"First reflections ({title}): share naming the revealed door / a wrong door / none, and the "
-                  "number of distinct reflections", "",
+                  "number of distinct reflections (and of distinct ones once every door name is masked)", "",
                   "| condition | " + " | ".join(f"seed {s['seed']}" for s in seeds) + " |",
                   "|---|" + "---|" * len(seeds)]  # fmt: skip
         for c in conds:
@@ -473,7 +478,8 @@ def markdown(result: dict) -> str:
             for s in seeds:
                 sh = s[f"door_shares{suffix}"][c]
                 cells.append(f"{sh['right']:.2f} / {sh['wrong']:.2f} / {sh['none']:.2f}, "
-                             f"{s[f'distinct_reflections{suffix}'][c]} distinct")  # fmt: skip
+                             f"{s[f'distinct_reflections{suffix}'][c]} distinct "
+                             f"({s.get(f'distinct_templates{suffix}', {}).get(c, '-')} with the door masked)")  # fmt: skip
             lines.append(f"| {CONDITIONS[c]} | " + " | ".join(cells) + " |")
         if f"paired_ppo_env{suffix}" in seeds[0]:
             lines += ["", f"PPO (environment reward) against each condition ({title}): difference in success at "
