@@ -39,15 +39,14 @@ from retroformer.training.ppo import (  # noqa: E402
 from retroformer.training.ppo_stage import load_prompts  # noqa: E402
 
 
-def time_iteration(model, tokenizer, prompts: list[str], cfg: PPORunConfig, group: int, sampled=None) -> dict:
-    """Seconds spent in each part of one iteration; ``sampled`` reuses earlier samples (same work for both paths)."""
+def time_iteration(model, tokenizer, prompts: list[str], cfg: PPORunConfig, group: int) -> dict:
+    """Seconds spent in each part of one iteration, with the samples of a prompt run as groups of ``group``."""
     import torch
 
     out: dict = {}
     size = cfg.num_samples_per_prompt
     t0 = time.perf_counter()
-    if sampled is None:
-        sampled = sample_reflections(model, tokenizer, [p for p in prompts for _ in range(size)], cfg, group_size=group)
+    sampled = sample_reflections(model, tokenizer, [p for p in prompts for _ in range(size)], cfg, group_size=group)
     input_ids, attention_mask, mask, texts = sampled
     out["sample_s"] = time.perf_counter() - t0
     length = mask.shape[1]
@@ -59,8 +58,9 @@ def time_iteration(model, tokenizer, prompts: list[str], cfg: PPORunConfig, grou
     out["logprobs_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     advantages = torch.linspace(-1, 1, len(texts))
+    order = minibatch_order(len(texts), group)  # one order per epoch: each row in exactly one minibatch
     for mb_start in range(0, len(texts), cfg.minibatch_size):
-        mb = minibatch_order(len(texts), group)[mb_start : mb_start + cfg.minibatch_size]
+        mb = order[mb_start : mb_start + cfg.minibatch_size]
         new, _ = token_logprobs(model, input_ids[mb], attention_mask[mb], length, cfg.temperature, group_size=group)
         loss, _, _ = clipped_surrogate_loss(new, old[mb], advantages[mb], mask[mb], cfg.clip_range)
         loss.backward()
@@ -68,7 +68,7 @@ def time_iteration(model, tokenizer, prompts: list[str], cfg: PPORunConfig, grou
     out["update_s"] = time.perf_counter() - t0
     out["tokens_per_sample"] = float(mask.sum(1).float().mean())
     out["prompt_tokens"] = int(input_ids.shape[1] - length)
-    return out, sampled
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i in range(args.iterations):
         batch = prompts[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        grouped, sampled = time_iteration(model, tokenizer, batch, cfg, cfg.num_samples_per_prompt)
-        whole, _ = time_iteration(model, tokenizer, batch, cfg, 1)
+        grouped = time_iteration(model, tokenizer, batch, cfg, cfg.num_samples_per_prompt)
+        whole = time_iteration(model, tokenizer, batch, cfg, 1)
         rows.append({"iteration": i, "grouped": grouped, "row_by_row": whole})
         print(json.dumps(rows[-1]), flush=True)
 
