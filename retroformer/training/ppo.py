@@ -348,22 +348,13 @@ def _response_logits(model, input_ids, attention_mask, response_length: int, gro
     if group_size == 1:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         return logits[:, -response_length - 1 : -1]
-    if input_ids.shape[0] % group_size:
-        raise ValueError(f"{input_ids.shape[0]} rows do not split into groups of {group_size}")
     prompt_length = input_ids.shape[1] - response_length
-    prompt = model(
-        input_ids=input_ids[::group_size, :prompt_length],
-        attention_mask=attention_mask[::group_size, :prompt_length],
-        position_ids=position_ids[::group_size, :prompt_length],
-        use_cache=True,
-    )
-    cache = prompt.cache
-    cache.batch_repeat_interleave(group_size)  # each prompt's keys and values, once per sample
+    prompt = _grouped_prompt_pass(model, input_ids[:, :prompt_length], attention_mask[:, :prompt_length], group_size)
     responses = model(
         input_ids=input_ids[:, prompt_length:],
         attention_mask=attention_mask,
         position_ids=position_ids[:, prompt_length:],
-        cache=cache,
+        cache=prompt.cache,
     )
     first = prompt.logits[:, -1:].repeat_interleave(group_size, dim=0)  # predicts each response's first token
     return torch.cat([first, responses.logits[:, :-1]], dim=1)
@@ -468,13 +459,18 @@ def sample_reflections(
 def prompt_cache(model, input_ids, attention_mask, group_size: int):
     """Keys and values of every prompt but its last token, computed once per group of ``group_size`` equal prompts
     and repeated for each of them: ``generate`` then reads only the last token of each prompt itself."""
+    return _grouped_prompt_pass(model, input_ids[:, :-1], attention_mask[:, :-1], group_size).cache
+
+
+def _grouped_prompt_pass(model, input_ids, attention_mask, group_size: int):
+    """The model's output on the first row of each group of ``group_size`` equal (left-padded) prompt rows, with its
+    cache of keys and values repeated once per row of the group."""
     if input_ids.shape[0] % group_size:
-        raise ValueError(f"{input_ids.shape[0]} prompts do not split into groups of {group_size}")
-    ids, mask = input_ids[::group_size, :-1], attention_mask[::group_size, :-1]
-    cache = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
-    cache = cache.cache
-    cache.batch_repeat_interleave(group_size)
-    return cache
+        raise ValueError(f"{input_ids.shape[0]} rows do not split into groups of {group_size}")
+    ids, mask = input_ids[::group_size], attention_mask[::group_size]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+    out.cache.batch_repeat_interleave(group_size)
+    return out
 
 
 def collect_rollout(
