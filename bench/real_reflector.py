@@ -333,6 +333,23 @@ def rm_accuracy(reward_dir: Path, results: dict[str, TaskResult], prompts: dict[
     return out
 
 
+def heldout_prompts(root: Path) -> dict[str, str]:
+    """The first reflection prompt of each held-out task (the failed attempt and its clue), from an evaluation."""
+    return {r.task_id: r.reflection.prompt for r in read_records(records_path(root / "eval-frozen_zero-greedy"))
+            if r.trial == 0 and r.reflection is not None}  # fmt: skip
+
+
+def rm_check(pipe: Pipeline, reward_dir: Path, num_tasks: int | None = None) -> dict:
+    """The reward model's door accuracy on the held-out prompts of one seed (``--rm_check``, for calibration)."""
+    root = ROOT / pipe.dir
+    suite = SyntheticSuite(SyntheticSuite.Config(num_tasks=pipe.p.heldout_tasks, seed=pipe.seeds.heldout,
+                                                 wall_clue=False))  # fmt: skip
+    tasks = {t.task_id: t for t in suite.tasks()}
+    results = read_eval(root / "eval-frozen_zero-greedy", tasks)
+    results = {t: results[t] for t in sorted(results)[:num_tasks]}
+    return rm_accuracy(reward_dir, results, heldout_prompts(root), tasks)
+
+
 def analyse_seed(pipe: Pipeline, timings: dict[str, float]) -> dict:
     root = ROOT / pipe.dir
     s = pipe.seeds
@@ -383,9 +400,8 @@ def analyse_seed(pipe: Pipeline, timings: dict[str, float]) -> dict:
     out["control"] = control(root, conds, tasks, ids, s.seed)
     out["ppo_curve"] = curves(root, pipe, tasks, ids, out)
     if "ppo_rm" in conds:
-        prompts = {r.task_id: r.reflection.prompt for r in read_records(records_path(root / "eval-frozen_zero-greedy"))
-                   if r.trial == 0 and r.reflection is not None}  # fmt: skip
-        out["rm_door_accuracy_by_wording"] = rm_accuracy(root / "reward", res["frozen_zero/greedy"], prompts, tasks)
+        out["rm_door_accuracy_by_wording"] = rm_accuracy(root / "reward", res["frozen_zero/greedy"],
+                                                         heldout_prompts(root), tasks)  # fmt: skip
         out["rm_door_accuracy"] = out["rm_door_accuracy_by_wording"]["all"]
         out["reward_trainer_eval"] = {k: v for k, v in json.loads((root / "reward" / "metrics.json").read_text()).items()
                                       if "eval" in k}  # fmt: skip
@@ -563,7 +579,21 @@ def rm_section(seeds: list[dict]) -> list[str]:
         by = s["rm_door_accuracy_by_wording"]
         lines.append(f"- seed {s['seed']}: {by['all']:.3f} over {by['pairs']} pairs; "
                      + "; ".join(f"'{w}': {by[w]:.3f}" for w in RM_WORDINGS)
-                     + f"; trainer's held-out pairwise accuracy {s['reward_trainer_eval']}")  # fmt: skip
+                     + f"; the trainer's own held-out split: pairwise accuracy "
+                     f"{s['reward_trainer_eval'].get('reward/eval_pairwise_accuracy')} over "
+                     f"{s['reward_trainer_eval'].get('reward/eval_num_pairs')} pairs")  # fmt: skip
+    calibration = ROOT / "bench" / "rm_calibration.json"
+    if calibration.is_file():  # the variants tried on the calibration tasks (written by hand from --rm_check runs)
+        cal = json.loads(calibration.read_text())
+        by = cal["scores_by_door"]
+        lines += ["", "On the calibration tasks (`bench/rm_calibration.json`, with the commands):", ""]
+        lines += [f"- {v['name']}: " + (f"{v['accuracy']:.3f} over {v['pairs']} pairs ("
+                  + "; ".join(f"'{w}': {a:.3f}" for w, a in v["by_wording"].items()) + ")"
+                  if "accuracy" in v else v["stopped"]) for v in cal["variants"]]  # fmt: skip
+        lines += ["", f"Mean score of the recipe's model for 'The way out is the X door.': X the revealed door "
+                  f"{by['right']:.2f}, another wrong door {by['other_wrong']:.2f}, the door just found locked "
+                  f"{by['failed_door']:.2f}; a reflection naming no door {by['no_door']:.2f}.", "",
+                  cal["conclusion"]]  # fmt: skip
     return [*lines, ""]
 
 
@@ -609,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/real-reflector")
     parser.add_argument("--out", default=str(ROOT / "bench" / "real_reflector.json"))
     parser.add_argument("--note", default="", help="a sentence on how the run went, for the report")
+    parser.add_argument("--rm_check", nargs="+", metavar="REWARD_DIR", default=None,
+                        help="only score these reward models on the held-out door pairs of the first seed (its "
+                             "frozen_zero greedy evaluation must have run) and print the accuracies")  # fmt: skip
+    parser.add_argument("--rm_check_tasks", type=int, default=None, help="--rm_check on the first N held-out tasks")
     args = parser.parse_args(argv)
     if "none" in args.conditions and args.conditions[0] != "none":
         args.conditions = ["none", *[c for c in args.conditions if c != "none"]]
@@ -618,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "retroformer.cli", "models", "--out", str(Path(MODEL).parent)],
                        cwd=ROOT, check=True)  # fmt: skip
     pipes = [Pipeline(args.workdir, Seeds.of(s, args.calibration), preset, args.conditions) for s in args.seeds]
+    if args.rm_check:
+        for reward_dir in args.rm_check:
+            print(reward_dir, json.dumps(rm_check(pipes[0], Path(reward_dir), args.rm_check_tasks)))
+        return 0
     if not args.resume:
         for pipe in pipes:
             shutil.rmtree(ROOT / pipe.dir, ignore_errors=True)
