@@ -621,7 +621,8 @@ def merged_seeds(out: Path, result: dict) -> list[dict]:
     seeds = {s["seed"]: s for s in result["seeds"]}
     if out.is_file():
         earlier = json.loads(out.read_text())
-        if earlier.get("preset") == result["preset"] and earlier.get("calibration") == result["calibration"]:
+        preset = json.loads(json.dumps(result["preset"]))  # as read back (the modes tuple is a list there)
+        if earlier.get("preset") == preset and earlier.get("calibration") == result["calibration"]:
             for s in earlier["seeds"]:
                 seeds.setdefault(s["seed"], s)
     return [seeds[k] for k in sorted(seeds)]

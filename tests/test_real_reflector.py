@@ -67,5 +67,10 @@ def test_a_later_seed_joins_the_earlier_ones_of_the_same_sizes(tmp_path):
         out, {"preset": preset, "calibration": False, "seeds": [{"seed": 2}, {"seed": 1, "x": 2}]}
     )
     assert [s["seed"] for s in merged] == [0, 1, 2] and merged[1]["x"] == 2  # this run's seed 1 replaces the old one
+    written = tmp_path / "written.json"  # as main() writes it: the preset's tuple of modes becomes a JSON list
+    preset = bench.asdict(bench.PRESETS["full"])
+    written.write_text(json.dumps({"preset": preset, "calibration": False, "seeds": [{"seed": 0}]}))
+    joined = bench.merged_seeds(written, {"preset": preset, "calibration": False, "seeds": [{"seed": 2}]})
+    assert [s["seed"] for s in joined] == [0, 2]
     other = bench.merged_seeds(out, {"preset": {"train_tasks": 2}, "calibration": False, "seeds": [{"seed": 2}]})
     assert [s["seed"] for s in other] == [2]  # other sizes: not mixed
