@@ -94,7 +94,7 @@ class Preset:
 
 PRESETS = {
     "full": Preset(256, 256, 24, 2, 40, 16, 4, MODES),
-    "demo": Preset(128, 64, 24, 1, 12, 8, 4, ("greedy",)),
+    "demo": Preset(128, 64, 24, 1, 12, 16, 8, ("greedy",)),
 }
 
 

