@@ -304,32 +304,49 @@ def paired(a: list[bool], b: list[bool], seed: int) -> dict:
     return {**test, "diff": diff, "ci95": [lo, hi]}
 
 
+#: Reflections that name no door, scored beside the door wordings (what the reward model gives a door-less plan).
+NO_DOOR_TEXTS = ("I am not sure how to do this task.", "I should look around more carefully next time.")
+
+
 def rm_accuracy(reward_dir: Path, results: dict[str, TaskResult], prompts: dict[str, str], tasks: dict) -> dict:
-    """The reward model on held-out prompts: is the revealed door scored above each wrong door, in each wording?"""
+    """The reward model on held-out prompts: is the revealed door scored above each wrong door, in each wording? And
+    its mean score, in the first wording, for the revealed door, the door the attempt opened (the first door, found
+    locked), the other wrong doors, and for reflections naming no door (``mean_score``)."""
     from retroformer.training.reward import load_reward_model
 
     score = load_reward_model(str(reward_dir), batch_size=64)
-    groups = []  # (wording, number of candidates); candidates: the revealed door first, then each wrong door
+    groups = []  # (wording, task, number of candidates); candidates: the revealed door first, then each wrong door
     batch_prompts, batch_texts = [], []
-    for wording in RM_WORDINGS:
+    for wording in (*RM_WORDINGS, None):
         for task_id in sorted(results):
             doors, answer = tasks[task_id].payload["doors"], tasks[task_id].payload["answer"]
-            texts = [wording.format(door=answer)] + [wording.format(door=d) for d in doors if d != answer]
+            texts = (list(NO_DOOR_TEXTS) if wording is None else
+                     [wording.format(door=answer)] + [wording.format(door=d) for d in doors if d != answer])  # fmt: skip
             batch_prompts += [prompts[task_id]] * len(texts)
             batch_texts += texts
-            groups.append((wording, len(texts)))
+            groups.append((wording, task_id, len(texts)))
     scores = score(batch_prompts, batch_texts)  # one call: the scorer batches
     wins = collections.Counter()
     pairs = collections.Counter()
+    by_door = collections.defaultdict(list)
     at = 0
-    for wording, n in groups:
+    for wording, task_id, n in groups:
         s = scores[at : at + n]
         at += n
+        if wording is None:
+            by_door["no_door"] += s
+            continue
         wins[wording] += sum(s[0] > w for w in s[1:])
         pairs[wording] += n - 1
+        if wording == RM_WORDINGS[0]:
+            doors, answer = tasks[task_id].payload["doors"], tasks[task_id].payload["answer"]
+            by_door["right"].append(s[0])
+            for door, value in zip([d for d in doors if d != answer], s[1:], strict=True):
+                by_door["failed_door" if door == doors[0] else "other_wrong"].append(value)
     out: dict = {w: wins[w] / pairs[w] for w in RM_WORDINGS}
     out["all"] = sum(wins.values()) / sum(pairs.values())
     out["pairs"] = sum(pairs.values())
+    out["mean_score"] = {k: statistics.fmean(v) for k, v in by_door.items()}
     return out
 
 
@@ -339,12 +356,16 @@ def heldout_prompts(root: Path) -> dict[str, str]:
             if r.trial == 0 and r.reflection is not None}  # fmt: skip
 
 
+def heldout_tasks(pipe: Pipeline) -> dict:
+    suite = SyntheticSuite(SyntheticSuite.Config(num_tasks=pipe.p.heldout_tasks, seed=pipe.seeds.heldout,
+                                                 wall_clue=False))  # fmt: skip
+    return {t.task_id: t for t in suite.tasks()}
+
+
 def rm_check(pipe: Pipeline, reward_dir: Path, num_tasks: int | None = None) -> dict:
     """The reward model's door accuracy on the held-out prompts of one seed (``--rm_check``, for calibration)."""
     root = ROOT / pipe.dir
-    suite = SyntheticSuite(SyntheticSuite.Config(num_tasks=pipe.p.heldout_tasks, seed=pipe.seeds.heldout,
-                                                 wall_clue=False))  # fmt: skip
-    tasks = {t.task_id: t for t in suite.tasks()}
+    tasks = heldout_tasks(pipe)
     results = read_eval(root / "eval-frozen_zero-greedy", tasks)
     results = {t: results[t] for t in sorted(results)[:num_tasks]}
     return rm_accuracy(reward_dir, results, heldout_prompts(root), tasks)
@@ -353,8 +374,7 @@ def rm_check(pipe: Pipeline, reward_dir: Path, num_tasks: int | None = None) -> 
 def analyse_seed(pipe: Pipeline, timings: dict[str, float]) -> dict:
     root = ROOT / pipe.dir
     s = pipe.seeds
-    suite = SyntheticSuite(SyntheticSuite.Config(num_tasks=pipe.p.heldout_tasks, seed=s.heldout, wall_clue=False))
-    tasks = {t.task_id: t for t in suite.tasks()}
+    tasks = heldout_tasks(pipe)
     conds = pipe.conditions
     res = {f"{c}/{m}": read_eval(root / f"eval-{c}-{m}", tasks) for c in conds for m in pipe.p.modes
            if c != "none" or m == "greedy"}  # fmt: skip
@@ -589,6 +609,8 @@ def rm_section(seeds: list[dict]) -> list[str]:
         lines += ["", "On the calibration tasks (`bench/rm_calibration.json`, with the commands):", ""]
         lines += [f"- {v['name']}: " + (f"{v['accuracy']:.3f} over {v['pairs']} pairs ("
                   + "; ".join(f"'{w}': {a:.3f}" for w, a in v["by_wording"].items()) + ")"
+                  + (f"; on the first 64 tasks {v['accuracy_first_64_tasks']:.3f}" if "accuracy_first_64_tasks" in v
+                     else "")
                   if "accuracy" in v else v["stopped"]) for v in cal["variants"]]  # fmt: skip
         lines += ["", f"Mean score of the recipe's model for 'The way out is the X door.': X the revealed door "
                   f"{by['right']:.2f}, another wrong door {by['other_wrong']:.2f}, the door just found locked "
